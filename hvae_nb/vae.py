@@ -136,6 +136,17 @@ class VAE(HierarchicalVAE):
         "Decode the posterior mean of `x`."
         return self.likelihood.mean(self.decoder(self.posterior(x).mean))
 
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor) -> list[Tensor]:
+        "E_q[z_g | x] for each latent group (one here): what the active-units diagnostic measures."
+        return [self.posterior(x).mean]
+
+    @torch.no_grad()
+    def reconstruct_keep(self, x: Tensor, keep_groups: int, temperature: float = 1.0) -> Tensor:
+        "Keep the posterior sample for the top `keep_groups` groups, draw the rest from the prior."
+        z = self.posterior(x).rsample() if keep_groups >= 1 else temperature * torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
+        return self.likelihood.mean(self.decoder(z))
+
 # %% ../nbs/02_vae.ipynb
 @torch.no_grad()
 def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000, max_batch: int = 2048) -> Tensor:
