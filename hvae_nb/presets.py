@@ -173,3 +173,6 @@ def from_pretrained(run_dir, weights: str = 'model.safetensors', map_location='c
     "The trained model of `run_dir`, in eval mode."
     model = load_run_preset(run_dir).model.build()
     return load_weights(model, Path(run_dir) / weights).to(map_location).eval()
+
+# %% ../nbs/10_presets.ipynb
+import hvae_nb.lvae  # noqa: E402,F401  (registers the Ladder VAE family and its presets)
