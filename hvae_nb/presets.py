@@ -36,6 +36,7 @@ class TrainConfig:
     eval_samples: int = 100           # importance samples for evaluations during training
     final_eval_samples: int = 1000    # importance samples for the final test NLL (whole test split)
     save_every: int = 1000
+    max_minutes: float = 0.0          # wall-clock budget: stop (checkpoint, then final evaluation) after this; 0 = none
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
@@ -111,6 +112,8 @@ def field_names(config) -> list[str]: return [f.name for f in fields(config)]
 def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
     "A copy of `preset` with `overrides` ({'model.latent_dim': '16', 'lr': '3e-4', ...}) applied."
     changes = {'model': {}, 'train': {}}
+    overrides = dict(overrides)
+    dataset = overrides.pop('dataset', preset.dataset)
     for key, text in overrides.items():
         part, _, name = key.rpartition('.')
         parts = [part] if part else [p for p in ('model', 'train') if name in field_names(getattr(preset, p))]
@@ -122,7 +125,8 @@ def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
         if len(parts) > 1: raise ConfigError(f"override {key!r} is ambiguous: say model.{name} or train.{name}")
         current = getattr(getattr(preset, parts[0]), name)
         changes[parts[0]][name] = _parse_value(text, current, key)
-    return replace(preset, model=replace(preset.model, **changes['model']), train=replace(preset.train, **changes['train']))
+    return replace(preset, dataset=dataset, model=replace(preset.model, **changes['model']),
+                   train=replace(preset.train, **changes['train']))
 
 # %% ../nbs/10_presets.ipynb
 def preset_to_dict(preset: Preset) -> dict:

@@ -8,8 +8,8 @@ __all__ = ['CHECKPOINT_PREFIX', 'DEFAULT_PRESET', 'epoch_order', 'global_batch_i
            'list_checkpoints', 'save_checkpoint', 'find_checkpoint', 'read_train_state', 'load_checkpoint',
            'StopRequest', 'MetricsLog', 'read_metrics', 'default_run_dir', 'check_new_run_dir', 'check_same_model',
            'check_train_config', 'eval_subset', 'save_sample_grid', 'train_step', 'TrainResult', 'prepare_run',
-           'load_training_data', 'write_run_config', 'train', 'stop_requested', 'train_command', 'help_text',
-           'underscore_option', 'parse_command_line', 'main']
+           'load_training_data', 'write_run_config', 'train', 'out_of_time', 'stop_requested', 'train_command',
+           'help_text', 'underscore_option', 'parse_command_line', 'main']
 
 # %% ../nbs/11_train.ipynb
 import contextlib, json, math, os, shutil, signal, sys, time, warnings
@@ -307,7 +307,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main), dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     model.train()
-    interrupted = False
+    interrupted, run_began = False, time.time()
     with StopRequest() as stop:
         for step in range(start, t.max_steps):
             began = time.perf_counter()
@@ -330,6 +330,10 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
             if done % t.eval_every == 0: accelerator.wait_for_everyone()
             if done % t.save_every == 0 or done == t.max_steps:
                 save_checkpoint(accelerator, run_dir, done, train_state(done), ema, t.keep_checkpoints)
+            if out_of_time(run_began, t.max_minutes, accelerator):
+                if done % t.save_every and done != t.max_steps: save_checkpoint(accelerator, run_dir, done, train_state(done), ema, t.keep_checkpoints)
+                if main: print(f"hvae_nb: time budget of {t.max_minutes} minutes used at step {done}", file=sys.stderr)
+                break
             if stop_requested(stop, accelerator):
                 if done % t.save_every: save_checkpoint(accelerator, run_dir, done, train_state(done), ema, t.keep_checkpoints)
                 interrupted = True
@@ -347,6 +351,12 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     accelerator.wait_for_everyone()
     if log_with: accelerator.end_training()
     return TrainResult(final, run_dir, read_metrics(run_dir) if main else [], test, interrupted)
+
+def out_of_time(began: float, max_minutes: float, accelerator: Accelerator) -> bool:
+    "True on every process once the main process has trained for `max_minutes` (0 = no budget)."
+    if max_minutes <= 0: return False
+    flag = torch.tensor([float(time.time() - began > 60 * max_minutes)], device=accelerator.device)
+    return accelerator.reduce(flag, 'max').item() > 0 if accelerator.num_processes > 1 else bool(flag.item())
 
 def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     "True on every process when any process received SIGTERM/SIGINT."
