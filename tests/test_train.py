@@ -155,6 +155,8 @@ def test_two_cpu_processes_match_one_process_on_the_same_global_batch(tmp_path):
     (['--preset', 'vae_digits', '--batch-size', '0'], 'batch_size must be positive'),
     (['--preset', 'vae_digits', '--batch-size', '-3'], 'batch_size must be positive'),
     (['--preset', 'vae_mnist', '--data-dir', '/no/such/dir'], 'data directory /no/such/dir does not exist'),
+    (['--preset', 'vae_digits', '--mixed-precision', 'fp8'], 'mixed_precision must be no, fp16 or bf16'),
+    (['--preset', 'vae_digits', '--log-with', 'nosuchtracker'], 'Unsupported logging capability'),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     result = run(args + ['--out', str(tmp_path / 'run'), '--no-progress'])
@@ -195,6 +197,11 @@ def test_corrupted_checkpoint_is_reported_not_loaded(finished_run, tmp_path):
     assert result.returncode == 2, result.stderr
     assert 'is corrupt' in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert snapshot(copy) == before
+
+def test_tensorboard_tracker_writes_event_files(tmp_path):
+    result = run(TINY + ['--max-steps', '5', '--log-with', 'tensorboard', '--out', str(tmp_path / 'run')])
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / 'run').rglob('events.out.tfevents.*'))
 
 def test_from_pretrained_loads_the_final_weights(finished_run):
     from hvae_nb.presets import from_pretrained
