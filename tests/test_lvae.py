@@ -1,0 +1,85 @@
+"""Fast checks of the Ladder VAE, the residual normal and the latent diagnostics (the notebooks hold the full story)."""
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+# Test the working tree even when the package is not pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hvae_nb.distributions import DiagonalGaussian, gaussian_kl  # noqa: E402
+from hvae_nb.diagnostics import active_units, kl_per_group  # noqa: E402
+from hvae_nb.lvae import LVAEConfig, kl_warmup, precision_weighted  # noqa: E402
+from hvae_nb.presets import MODEL_FAMILIES, get_preset  # noqa: E402
+from hvae_nb.residual_normal import residual_normal_kl, residual_posterior  # noqa: E402
+
+SMALL = LVAEConfig(image_shape=(1, 8, 8), latent_dims=(6, 4, 2), hidden_dims=(32, 16, 8))
+
+
+def test_precision_weighted_is_the_normalised_product():
+    torch.manual_seed(0)
+    a = DiagonalGaussian(torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64))
+    b = DiagonalGaussian(torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64))
+    merged = precision_weighted(a, b)
+    z = 3 * torch.randn(20, 50, dtype=torch.float64)
+    # log a(z) + log b(z) - log merged(z) is the log normaliser N(mu_a; mu_b, s_a^2 + s_b^2), the same for every z
+    normaliser = torch.distributions.Normal(b.mean, (a.scale ** 2 + b.scale ** 2).sqrt()).log_prob(a.mean)
+    assert torch.allclose(a.log_prob(z) + b.log_prob(z) - merged.log_prob(z), normaliser.expand(20, -1), atol=1e-9)
+
+
+def test_residual_kl_matches_the_general_kl():
+    torch.manual_seed(0)
+    prior = DiagonalGaussian(3 * torch.randn(2000, dtype=torch.float64), torch.randn(2000, dtype=torch.float64))
+    delta_mean, delta_log_scale = torch.randn(2000, dtype=torch.float64), 0.5 * torch.randn(2000, dtype=torch.float64)
+    q = residual_posterior(prior, delta_mean, delta_log_scale)
+    reference = torch.distributions.kl_divergence(torch.distributions.Normal(q.mean, q.scale), torch.distributions.Normal(prior.mean, prior.scale))
+    assert torch.allclose(residual_normal_kl(delta_mean, delta_log_scale, prior.log_scale), reference, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(q.kl(prior), gaussian_kl(q.mean, q.log_scale, prior.mean, prior.log_scale), rtol=1e-5, atol=1e-9)
+
+
+def test_kl_warmup_is_linear_then_one():
+    assert [kl_warmup(s, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert kl_warmup(10, 0) == 1.0
+
+
+@pytest.mark.parametrize("config", [SMALL, replace(SMALL, posterior='residual'), replace(SMALL, inference='bottom_up'),
+                                    replace(SMALL, batch_norm=False)])
+def test_model_answers_the_interface(config):
+    torch.manual_seed(0)
+    model = config.build()
+    x = torch.bernoulli(torch.rand(5, 1, 8, 8))
+    out = model(x, beta=0.5, free_bits=0.1)
+    assert out.kl.shape == (5, 3) and out.reconstruction.shape == (5,) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.sample(3, temperature=0.7).shape == (3, 1, 8, 8)
+    assert model.reconstruct(x).shape == x.shape and model.reconstruct_keep(x, 2).shape == x.shape
+    assert [m.shape for m in model.posterior_means(x)] == [(5, 6), (5, 4), (5, 2)]
+    assert model.log_weight(x).shape == (5,)
+
+
+def test_bad_configurations_fail_with_a_message():
+    with pytest.raises(ValueError, match="needs inference='ladder'"):
+        replace(SMALL, inference='bottom_up', posterior='residual').build()
+    with pytest.raises(ValueError, match='same length'):
+        replace(SMALL, hidden_dims=(32, 16)).build()
+
+
+def test_presets_are_registered():
+    assert MODEL_FAMILIES['lvae'] is LVAEConfig
+    assert get_preset('lvae_digits').model.family == 'lvae'
+    paper = get_preset('lvae_mnist')
+    assert paper.model.latent_dims == (64, 32, 16, 8, 4) and paper.model.hidden_dims == (512, 256, 128, 64, 32)
+    assert (paper.train.batch_size, paper.train.lr, paper.train.max_steps, paper.train.kl_warmup_steps) == (256, 1e-3, 468_750, 46_875)
+
+
+def test_diagnostics_through_the_interface():
+    torch.manual_seed(0)
+    model = SMALL.build().train()
+    images = torch.bernoulli(torch.rand(64, 1, 8, 8))
+    kl = kl_per_group(model, images, batch_size=20)
+    active = active_units(model, images, batch_size=20)
+    assert kl.shape == (3,) and active.sizes == [6, 4, 2] and 0 <= active.total <= 12
+    assert model.training  # mode restored
