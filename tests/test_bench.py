@@ -1,0 +1,108 @@
+"""`python -m hvae_nb.bench`: the JSON lines and the table, and sane numbers. Timings depend on the machine and on
+whatever else runs on it, so no test asserts one: only that throughputs are positive, FLOPs are what the architecture
+implies, and the utilisation is a fraction."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # test the working tree even when the package is not pip-installed
+
+from hvae_nb import bench  # noqa: E402
+from hvae_nb.presets import get_preset  # noqa: E402
+
+ENVIRONMENT = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
+QUICK = ['--steps', '2', '--repeats', '2', '--warmup', '1', '--budget', '1']
+FIELDS = {'preset', 'status', 'device', 'device_name', 'torch', 'parameters', 'batch_size', 'image_shape', 'compile',
+          'channels_last', 'threads', 'train_images_per_s', 'train_images_per_s_repeats', 'train_steps_per_repeat', 'first_step_s',
+          'sample_images_per_s', 'sample_images_per_s_repeats', 'peak_memory_bytes', 'baseline_rss_bytes', 'memory_measure',
+          'flops_per_step', 'flops_per_image', 'achieved_flops_per_s', 'matmul_peak_flops_per_s', 'mfu'}
+
+
+def bench_command(*args) -> list:
+    return [sys.executable, '-m', 'hvae_nb.bench', *map(str, args)]
+
+
+def mlp_vae_training_flops(config, batch: int) -> int:
+    "Forward 2*B*in*out per linear layer, backward twice that, except the first layer's input gradient."
+    pixels = 1
+    for size in config.image_shape: pixels *= size
+    encoder = (pixels, *config.hidden_dims, 2 * config.latent_dim)
+    decoder = (config.latent_dim, *config.hidden_dims[::-1], pixels)
+    layers = lambda widths: sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    return 6 * batch * (layers(encoder) + layers(decoder)) - 2 * batch * pixels * config.hidden_dims[0]
+
+
+@pytest.fixture(scope='module')
+def two_presets(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench') / 'bench.jsonl'
+    done = subprocess.run(bench_command('--presets', 'vae_digits', 'lvae_digits', '--batch-size', '32', '--out', out, *QUICK),
+                          capture_output=True, text=True, env=ENVIRONMENT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in out.read_text().splitlines()], done.stdout
+
+
+def test_json_lines(two_presets):
+    results, _ = two_presets
+    assert [(r['preset'], r['status']) for r in results] == [('vae_digits', 'ok'), ('lvae_digits', 'ok')]
+    for r in results:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert (r['batch_size'], r['device'], r['compile'], r['channels_last']) == (32, 'cpu' if not torch.cuda.is_available() else 'cuda', False, False)
+        assert r['parameters'] == sum(p.numel() for p in get_preset(r['preset']).model.build().parameters())
+        for key in ('train_images_per_s', 'sample_images_per_s', 'flops_per_step', 'achieved_flops_per_s', 'matmul_peak_flops_per_s', 'peak_memory_bytes'):
+            assert r[key] > 0, key
+        assert all(v > 0 for v in r['train_images_per_s_repeats'] + r['sample_images_per_s_repeats'])
+        assert min(r['train_images_per_s_repeats']) <= r['train_images_per_s'] <= max(r['train_images_per_s_repeats'])
+        assert 0 < r['mfu'] <= 1, r['mfu']
+        assert r['mfu'] == pytest.approx(r['flops_per_step'] * r['train_images_per_s'] / 32 / r['matmul_peak_flops_per_s'])
+    vae = results[0]
+    assert vae['flops_per_step'] == mlp_vae_training_flops(get_preset('vae_digits').model, 32)
+    assert vae['flops_per_image'] == vae['flops_per_step'] / 32
+
+
+def test_table(two_presets):
+    _, stdout = two_presets
+    lines = stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ['preset', 'params', 'batch'] and 'MFU' in lines[0]
+    assert [l.split()[0] for l in lines[2:4]] == ['vae_digits', 'lvae_digits'] and all(l.split()[-1] == 'ok' for l in lines[2:4])
+    assert lines[-1].startswith('device: ') and 'matmul peak' in lines[-1]
+    assert not any(l.startswith('{') for l in lines)           # with --out the JSON lines go to the file only
+
+
+def test_out_of_memory_and_failures_are_reported(monkeypatch):
+    "A preset that does not fit is a result with status 'oom', not a crash; so is any other failure, as 'error'."
+    preset = get_preset('vae_digits')
+    def out_of_memory(*args, **kwargs): raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+    monkeypatch.setattr(bench, 'benchmark_preset', out_of_memory)
+    assert bench.benchmark_or_report(preset)['status'] == 'oom'
+    def broken(*args, **kwargs): raise RuntimeError('something else')
+    monkeypatch.setattr(bench, 'benchmark_preset', broken)
+    result = bench.benchmark_or_report(preset)
+    assert (result['status'], result['error']) == ('error', 'RuntimeError: something else')
+    assert 'oom' in bench.format_table([dict(preset='big', status='oom', error='x')])
+
+
+def check_one_line(args, expected, code, err):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (args, code, err)
+    assert lines[0].startswith('hvae_nb.bench: error: ') and expected in lines[0], (args, lines[0])
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
+    in_subprocess = [(('--presets', 'vae_digit'), "unknown preset 'vae_digit'"),
+                     (('--repeats', 'many'), "invalid int value: 'many'")]
+    # the same entry point, called in this process (starting Python and PyTorch for each costs seconds)
+    in_process = [(('--steps', '0'), '--steps must be positive'),
+                  (('--batch_size', '-1'), '--batch-size must be positive'),
+                  (('--device', 'nonsense'), 'is not a device'),
+                  (('--out', tmp_path / 'no' / 'such' / 'dir' / 'x.jsonl', '--presets', 'vae_digits'), 'cannot write there')]
+    processes = [subprocess.Popen(bench_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+                 for args, _ in in_subprocess]
+    for (args, expected), process in zip(in_subprocess, processes):
+        _, err = process.communicate(timeout=300)
+        check_one_line(args, expected, process.returncode, err)
+    for args, expected in in_process:
+        with pytest.raises(SystemExit) as exit_status: bench.main([str(a) for a in args])
+        check_one_line(args, expected, exit_status.value.code, capsys.readouterr().err)

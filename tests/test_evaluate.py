@@ -1,0 +1,140 @@
+"""`python -m hvae_nb.evaluate` on a tiny run trained here: a few steps of vae_digits with EMA on.
+
+The command line is run as a user runs it (a subprocess); the few checks that need the library's pieces call them
+directly. Bad input must give exit status 2 and one line on stderr, and must not write an eval.json."""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # test the working tree even when the package is not pip-installed
+
+from hvae_nb.evaluate import FIGURE_NAMES, evaluate_run, evaluation_images, main, seeded_subset  # noqa: E402
+from hvae_nb.presets import apply_overrides, get_preset  # noqa: E402
+
+ENVIRONMENT = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
+               'MPLBACKEND': 'Agg'}
+
+
+def evaluate_command(*args) -> list:
+    return [sys.executable, '-m', 'hvae_nb.evaluate', *map(str, args), '--no-progress']
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(evaluate_command(*args), capture_output=True, text=True, env=ENVIRONMENT, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory) -> Path:
+    from hvae_nb.train import train
+    preset = apply_overrides(get_preset('vae_digits'), {
+        'max_steps': '30', 'eval_every': '15', 'save_every': '30', 'log_every': '5', 'eval_examples': '50',
+        'eval_samples': '5', 'final_eval_samples': '5', 'ema_decay': '0.9'})
+    folder = tmp_path_factory.mktemp('evaluate') / 'run'
+    train(preset, out=folder, progress=False)
+    return folder
+
+
+def test_eval_json_and_figures(tiny_run):
+    done = run(tiny_run, '--k', '20', '--max-examples', '60', '--batch-size', '25')
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert json.loads((tiny_run / 'eval.json').read_text()) == result       # what was printed is what was written
+    assert (result['preset'], result['dataset'], result['split'], result['k']) == ('vae_digits', 'digits', 'test', 20)
+    assert (result['num_examples'], result['split_size'], result['subset_seed']) == (60, 297, 0)
+    assert result['weights'] == dict(file='model.safetensors', kind='ema', ema_decay=0.9,
+                                     description='exponential moving average of the weights (decay 0.9)')
+    # the numbers: nats per image of 64 binary pixels, coin flips cost 64 ln 2 = 44 nats
+    assert 5 < result['nll_nats'] < 60 and result['nll_standard_error_nats'] > 0
+    assert result['nll_bits_per_dim'] == pytest.approx(result['nll_nats'] / (64 * 0.6931471805599453))
+    assert result['nll_nats'] < result['neg_elbo_nats'] + 1.0       # a k = 20 bound is no looser than the ELBO
+    assert result['neg_elbo_nats'] == pytest.approx(result['reconstruction_nats'] + result['kl_nats'])
+    assert len(result['kl_per_group_nats']) == 1 and result['kl_nats'] == pytest.approx(sum(result['kl_per_group_nats']))
+    active = result['active_units']
+    assert active['group_sizes'] == [8] and 0 <= active['total'] == sum(active['per_group']) <= 8 and active['threshold'] == 0.01
+    # the pictures
+    assert sorted(result['figures']) == sorted(FIGURE_NAMES)
+    for name in FIGURE_NAMES:
+        data = (tiny_run / 'figures' / name).read_bytes()
+        assert data.startswith(b'\x89PNG') and len(data) > 2000, name
+
+
+def test_same_seed_same_numbers_and_train_split(tiny_run, tmp_path):
+    # a copy, so that this test's eval.json does not race with the other test's
+    run_dir = tmp_path / 'run'
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns('checkpoints', 'figures', 'eval.json'))
+    first = evaluate_run(run_dir, k=5, max_examples=40, figures=False, progress=False)
+    again = evaluate_run(run_dir, k=5, max_examples=40, figures=False, progress=False)
+    other = evaluate_run(run_dir, k=5, max_examples=40, seed=1, figures=False, progress=False)
+    assert first['nll_nats'] == again['nll_nats'] and first['nll_nats'] != other['nll_nats']
+    train = evaluate_run(run_dir, k=5, split='train', max_examples=30, figures=False, progress=False)
+    assert (train['split'], train['num_examples'], train['split_size']) == ('train', 30, 1500)
+    images, _ = evaluation_images(get_preset('vae_digits'), 'train', 30, seed=0)
+    assert set(images.unique().tolist()) <= {0.0, 1.0}     # grey training digits are binarised, like the test set
+
+
+def test_subset_is_random_not_a_prefix():
+    sorted_by_label = torch.arange(1000.).view(-1, 1, 1, 1)
+    chosen = seeded_subset(sorted_by_label, 100, seed=0)
+    assert torch.equal(chosen, seeded_subset(sorted_by_label, 100, seed=0))
+    assert not torch.equal(chosen, sorted_by_label[:100]) and chosen.unique().numel() == 100 and chosen.max() > 900
+
+
+def corrupt_copies(tiny_run: Path, base: Path) -> dict[str, Path]:
+    "Run directories broken in one way each."
+    def copy(name):
+        target = base / name
+        shutil.copytree(tiny_run, target, ignore=shutil.ignore_patterns('checkpoints', 'figures', 'eval.json'))
+        return target
+    broken = dict(empty=base / 'empty', missing=base / 'missing')
+    broken['empty'].mkdir()
+    broken['weights'] = copy('bad_weights'); (broken['weights'] / 'model.safetensors').write_bytes(b'\x00' * 100)
+    broken['config'] = copy('bad_config'); (broken['config'] / 'config.json').write_text('{"preset": {"name": ')
+    broken['metrics'] = copy('bad_metrics')
+    with (broken['metrics'] / 'metrics.jsonl').open('a') as f: f.write('{"step": 31, "loss": \n')
+    broken['mismatch'] = copy('mismatch')
+    config = json.loads((broken['mismatch'] / 'config.json').read_text())
+    config['preset']['model']['latent_dim'] = 3
+    (broken['mismatch'] / 'config.json').write_text(json.dumps(config))
+    return broken
+
+
+def bad_input_cases(tiny_run: Path, broken: dict[str, Path]) -> list[tuple[tuple, str]]:
+    return [((broken['empty'],), 'is not a run directory'),
+            ((broken['weights'],), 'is corrupt or not safetensors'),
+            ((broken['config'],), 'config.json is corrupt'),
+            ((tiny_run, '--no-such-option'), 'unrecognized arguments'),
+            # the same entry point, called in this process (starting Python and PyTorch for each costs seconds)
+            ((broken['missing'],), 'does not exist'),
+            ((broken['metrics'],), 'metrics.jsonl is corrupt: line'),
+            ((broken['mismatch'],), 'model expects'),
+            ((tiny_run, '--weights', 'nothing.safetensors'), 'does not exist'),
+            ((tiny_run, '--k', '0'), '--k must be at least 1'),
+            ((tiny_run, '--split', 'valid'), "--split must be 'test' or 'train'"),
+            ((tiny_run, '--max_examples', '-3'), '--max-examples must be positive')]
+
+IN_SUBPROCESS = 4
+
+
+def check_one_line(args, expected, code, out, err):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (args, code, err)
+    assert lines[0].startswith('hvae_nb.evaluate: error: ') and expected in lines[0], (args, lines[0])
+    assert out == ''
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tiny_run, tmp_path, capsys):
+    broken = corrupt_copies(tiny_run, tmp_path)
+    cases = bad_input_cases(tiny_run, broken)
+    processes = [subprocess.Popen(evaluate_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+                 for args, _ in cases[:IN_SUBPROCESS]]
+    for (args, expected), process in zip(cases, processes):
+        out, err = process.communicate(timeout=300)
+        check_one_line(args, expected, process.returncode, out, err)
+    for args, expected in cases[IN_SUBPROCESS:]:
+        with pytest.raises(SystemExit) as exit_status: main([*map(str, args), '--no-progress'])
+        out, err = capsys.readouterr()
+        check_one_line(args, expected, exit_status.value.code, out, err)
+    assert not any((folder / 'eval.json').exists() for folder in broken.values())
