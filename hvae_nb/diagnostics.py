@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['evaluating', 'kl_per_group', 'ActiveUnits', 'active_units', 'latent_diagnostics', 'plot_kl_and_active_units']
 
-# %% ../nbs/02a_diagnostics.ipynb #699450be
+# %% ../nbs/02a_diagnostics.ipynb #79d2d422
 from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 
-# %% ../nbs/02a_diagnostics.ipynb #a2eae193
+# %% ../nbs/02a_diagnostics.ipynb #c6b8ed73
 def _batches(images: Tensor, batch_size: int):
     for start in range(0, len(images), batch_size): yield images[start:start + batch_size]
 
@@ -32,7 +32,7 @@ def kl_per_group(model, images: Tensor, batch_size: int = 500) -> Tensor:
         total = sum(model.trace(x.to(device)).kl.sum(0).double() for x in _batches(images, batch_size))
     return (total / len(images)).float().cpu()
 
-# %% ../nbs/02a_diagnostics.ipynb #565c4106
+# %% ../nbs/02a_diagnostics.ipynb #c38abeb0
 @dataclass
 class ActiveUnits:
     "Active units per latent group (Burda et al., 2015): counts, group sizes, and each unit's Cov_x(E_q[u])."
@@ -56,7 +56,7 @@ def active_units(model, images: Tensor, batch_size: int = 500, threshold: float 
         variances.append(flat.var(0, unbiased=True).float().cpu())
     return ActiveUnits([int((v > threshold).sum()) for v in variances], [v.numel() for v in variances], variances, threshold)
 
-# %% ../nbs/02a_diagnostics.ipynb #f4aebfed
+# %% ../nbs/02a_diagnostics.ipynb #44bfb4f6
 def latent_diagnostics(model, images: Tensor, batch_size: int = 500, threshold: float = 1e-2) -> tuple[Tensor, ActiveUnits]:
     "KL per group and active units of `model` on `images`, for `plot_kl_and_active_units`."
     return kl_per_group(model, images, batch_size), active_units(model, images, batch_size, threshold)

@@ -6,20 +6,20 @@
 __all__ = ['LOG_2PI', 'gaussian_kl', 'DiagonalGaussian', 'soft_clamp', 'sum_except_batch', 'BernoulliLikelihood',
            'DiscretizedLogisticMixture', 'make_likelihood', 'nats_to_bits_per_dim', 'log_mean_exp']
 
-# %% ../nbs/00_distributions.ipynb #0c290fa5
+# %% ../nbs/00_distributions.ipynb #d6f2aea2
 import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% ../nbs/00_distributions.ipynb #9d0b41ad
+# %% ../nbs/00_distributions.ipynb #e5126c42
 def gaussian_kl(mean_q: Tensor, log_scale_q: Tensor, mean_p: Tensor, log_scale_p: Tensor) -> Tensor:
     "Elementwise KL( N(mean_q, exp(log_scale_q)^2) || N(mean_p, exp(log_scale_p)^2) ) in nats."
     variance_ratio = torch.exp(2 * (log_scale_q - log_scale_p))
     mean_term = ((mean_q - mean_p) * torch.exp(-log_scale_p)) ** 2
     return 0.5 * (variance_ratio + mean_term - 1) - (log_scale_q - log_scale_p)
 
-# %% ../nbs/00_distributions.ipynb #c7bcf614
+# %% ../nbs/00_distributions.ipynb #a78e13ed
 LOG_2PI = math.log(2 * math.pi)
 
 class DiagonalGaussian:
@@ -50,12 +50,12 @@ class DiagonalGaussian:
         zeros = torch.zeros(shape, device=device)
         return cls(zeros, zeros.clone())
 
-# %% ../nbs/00_distributions.ipynb #9656d828
+# %% ../nbs/00_distributions.ipynb #89a5dbc7
 def soft_clamp(x: Tensor, bound: float = 5.0) -> Tensor:
     "Smoothly limit `x` to (-bound, bound): `bound * tanh(x / bound)` (NVAE)."
     return bound * torch.tanh(x / bound)
 
-# %% ../nbs/00_distributions.ipynb #e6386793
+# %% ../nbs/00_distributions.ipynb #3d993ba7
 def sum_except_batch(x: Tensor) -> Tensor:
     "Sum every dimension but the first."
     return x.reshape(x.shape[0], -1).sum(1)
@@ -69,7 +69,7 @@ class BernoulliLikelihood:
     def sample(self, params: Tensor) -> Tensor: return torch.bernoulli(torch.sigmoid(params))
     def mean(self, params: Tensor) -> Tensor: return torch.sigmoid(params)
 
-# %% ../nbs/00_distributions.ipynb #41f8ab00
+# %% ../nbs/00_distributions.ipynb #19666bf7
 class DiscretizedLogisticMixture:
     "p(x|z) for images with `2**bits` levels per channel: a mixture of discretised logistics (PixelCNN++)."
     name = 'logistic_mixture'
@@ -138,14 +138,14 @@ class DiscretizedLogisticMixture:
         "A cheap summary for pictures: a sample (the mixture mean is rarely a sharp image)."
         return self.sample(params)
 
-# %% ../nbs/00_distributions.ipynb #e1a1fac1
+# %% ../nbs/00_distributions.ipynb #a7129d3e
 def make_likelihood(name: str, num_mixtures: int = 10):
     "The likelihood called `name`: 'bernoulli' or 'logistic_mixture'."
     if name == 'bernoulli': return BernoulliLikelihood()
     if name == 'logistic_mixture': return DiscretizedLogisticMixture(num_mixtures)
     raise ValueError(f"unknown likelihood {name!r}: expected 'bernoulli' or 'logistic_mixture'")
 
-# %% ../nbs/00_distributions.ipynb #efb54062
+# %% ../nbs/00_distributions.ipynb #4fbc42ef
 def nats_to_bits_per_dim(nats, dims: int):
     "Convert a negative log-likelihood in nats (per example) to bits per dimension."
     return nats / (dims * math.log(2))

@@ -11,7 +11,7 @@ __all__ = ['CHECKPOINT_PREFIX', 'DEFAULT_PRESET', 'epoch_order', 'global_batch_i
            'load_training_data', 'make_accelerator', 'write_run_config', 'train', 'out_of_time', 'stop_requested',
            'train_command', 'help_text', 'underscore_option', 'parse_command_line', 'main']
 
-# %% ../nbs/11_train.ipynb #64cfb062
+# %% ../nbs/11_train.ipynb #dbf0a635
 import contextlib, json, math, os, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -30,7 +30,7 @@ from .lvae import kl_warmup
 from .presets import (Preset, TrainConfig, PRESETS, get_preset, apply_overrides, preset_to_dict, preset_from_dict,
                              load_run_preset, load_weights, ConfigError, RunError, field_names)
 
-# %% ../nbs/11_train.ipynb #7c8233c5
+# %% ../nbs/11_train.ipynb #e52f2952
 @lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of the training set for one epoch."
@@ -52,7 +52,7 @@ def seed_micro_batch(seed: int, step: int, micro: int):
     "Make all randomness of one micro-batch a function of (seed, step, micro-batch)."
     torch.manual_seed((seed * 1_000_003 + step) * 1024 + micro)
 
-# %% ../nbs/11_train.ipynb #15e0f4a9
+# %% ../nbs/11_train.ipynb #9c2698a8
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     kinds = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
     if train.optimizer not in kinds: raise ConfigError(f"unknown optimizer {train.optimizer!r}: expected one of {sorted(kinds)}")
@@ -72,7 +72,7 @@ def make_ema(model: torch.nn.Module, decay: float):
     if decay <= 0: return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-# %% ../nbs/11_train.ipynb #02c81147
+# %% ../nbs/11_train.ipynb #25d701e2
 @dataclass
 class SkipMonitor:
     "Counts skipped updates and warns when too many come in a row."
@@ -92,7 +92,7 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)): return True
     return threshold > 0 and grad_norm.item() > threshold
 
-# %% ../nbs/11_train.ipynb #3aeb7735
+# %% ../nbs/11_train.ipynb #aaf56d61
 CHECKPOINT_PREFIX = 'checkpoint_'
 
 def checkpoint_path(run_dir: Path, step: int) -> Path: return Path(run_dir) / 'checkpoints' / f'{CHECKPOINT_PREFIX}{step:08d}'
@@ -142,7 +142,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema) 
         raise RunError(f"checkpoint {checkpoint} is corrupt or does not fit this model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return state
 
-# %% ../nbs/11_train.ipynb #74c79f02
+# %% ../nbs/11_train.ipynb #d860b9e9
 class StopRequest:
     "Turns SIGTERM/SIGINT into a flag the training loop polls, within a `with` block."
     def __init__(self): self.requested = False
@@ -153,7 +153,7 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
-# %% ../nbs/11_train.ipynb #79b42342
+# %% ../nbs/11_train.ipynb #a19b5265
 class MetricsLog:
     "Append-only JSON lines, written by the main process."
     def __init__(self, path: Path, enabled: bool): self.path, self.enabled = Path(path), enabled
@@ -197,7 +197,7 @@ def check_train_config(train: TrainConfig, num_processes: int):
         raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by {num_processes} processes x "
                           f"{train.grad_accum} accumulation steps")
 
-# %% ../nbs/11_train.ipynb #4a01d98a
+# %% ../nbs/11_train.ipynb #c95ea102
 def eval_subset(images: torch.Tensor, count: int, seed: int = 1234) -> torch.Tensor:
     "A seeded random subset of `count` images (all of them if count >= len)."
     if count >= len(images): return images
@@ -210,7 +210,7 @@ def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     matplotlib.pyplot.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
-# %% ../nbs/11_train.ipynb #3e41f11e
+# %% ../nbs/11_train.ipynb #4de3b15c
 def train_step(model, optimizer, images, data, step: int, beta: float, train: TrainConfig, accelerator: Accelerator) -> dict:
     "One optimiser step on the global batch of `step`; returns this step's metrics (identical on every process)."
     indices = global_batch_indices(len(images), train.batch_size, step, train.seed)
@@ -237,7 +237,7 @@ def train_step(model, optimizer, images, data, step: int, beta: float, train: Tr
     return dict(loss=means[0].item(), reconstruction=means[1].item(), kl=means[2:].tolist(),
                 neg_elbo=(means[1] + means[2:].sum()).item(), grad_norm=grad_norm.item(), skipped_update=skipped)
 
-# %% ../nbs/11_train.ipynb #257b2bb8
+# %% ../nbs/11_train.ipynb #9231e8de
 @dataclass
 class TrainResult:
     model: torch.nn.Module        # the final weights used for evaluation (EMA when on), in eval mode
@@ -280,7 +280,7 @@ def write_run_config(run_dir: Path, preset: Preset, accelerator: Accelerator, da
                   device=str(accelerator.device), data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
     (run_dir / 'config.json').write_text(json.dumps(dict(preset=preset_to_dict(preset), launch=launch), indent=2))
 
-# %% ../nbs/11_train.ipynb #00e73d48
+# %% ../nbs/11_train.ipynb #ca4cee87
 def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no', log_with=None,
           progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
@@ -371,7 +371,7 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     flag = torch.tensor([float(stop.requested)], device=accelerator.device)
     return accelerator.reduce(flag, 'max').item() > 0
 
-# %% ../nbs/11_train.ipynb #e209f815
+# %% ../nbs/11_train.ipynb #da1089d7
 DEFAULT_PRESET = 'lvae_digits'
 
 def _cli_overrides(preset: Preset, override, **options) -> Preset:
@@ -450,6 +450,6 @@ def main(argv: list[str] | None = None):
         if PartialState().is_main_process: print(f"hvae_nb.train: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-# %% ../nbs/11_train.ipynb #da1c6aa3
+# %% ../nbs/11_train.ipynb #81ca33e2
 #| eval: false
 if __name__ == '__main__': main()

@@ -6,14 +6,14 @@
 __all__ = ['LatentTrace', 'VAEOutput', 'group_terms', 'elbo_loss', 'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder',
            'conv_decoder', 'VAE', 'iw_log_likelihood', 'dataset_nll']
 
-# %% ../nbs/02_vae.ipynb #674c2afb
+# %% ../nbs/02_vae.ipynb #ad89d6a0
 from dataclasses import dataclass, field
 import math
 import torch
 from torch import nn, Tensor
 from .distributions import DiagonalGaussian, soft_clamp, make_likelihood, log_mean_exp, nats_to_bits_per_dim
 
-# %% ../nbs/02_vae.ipynb #cbb4dff0
+# %% ../nbs/02_vae.ipynb #61c2a28b
 @dataclass
 class LatentTrace:
     "One posterior sample through a model: all per example, in nats."
@@ -42,7 +42,7 @@ def elbo_loss(log_px: Tensor, kl: Tensor, beta: float = 1.0, free_bits: float = 
     if free_bits > 0: kl_per_group = kl_per_group.clamp_min(free_bits)
     return -log_px.mean() + beta * kl_per_group.sum()
 
-# %% ../nbs/02_vae.ipynb #4237c6d3
+# %% ../nbs/02_vae.ipynb #2395eb12
 class HierarchicalVAE(nn.Module):
     "The interface every model implements: `trace` and `sample`; the rest is derived here."
     def trace(self, x: Tensor) -> LatentTrace: raise NotImplementedError
@@ -60,7 +60,7 @@ class HierarchicalVAE(nn.Module):
     @property
     def device(self) -> torch.device: return next(self.parameters()).device
 
-# %% ../nbs/02_vae.ipynb #ca8e1420
+# %% ../nbs/02_vae.ipynb #7a2086ca
 @dataclass(frozen=True)
 class VAEConfig:
     "A vanilla VAE: one Gaussian latent group with a standard-normal prior."
@@ -73,7 +73,7 @@ class VAEConfig:
     family = 'vae'
     def build(self) -> 'VAE': return VAE(self)
 
-# %% ../nbs/02_vae.ipynb #84948127
+# %% ../nbs/02_vae.ipynb #fc0ae40b
 def mlp(widths, activation=nn.ELU) -> nn.Sequential:
     "Linear layers of the given widths with `activation` between them (none after the last)."
     layers = []
@@ -96,7 +96,7 @@ def conv_decoder(latent_dim: int, hidden: tuple, channels_out: int, spatial: tup
                          nn.Upsample(scale_factor=2), nn.Conv2d(c2, c1, 3, 1, 1), nn.ELU(),
                          nn.Upsample(scale_factor=2), nn.Conv2d(c1, channels_out, 3, 1, 1))
 
-# %% ../nbs/02_vae.ipynb #00dd79c2
+# %% ../nbs/02_vae.ipynb #fff88ec3
 class VAE(HierarchicalVAE):
     "Encoder -> one diagonal-Gaussian latent -> decoder -> likelihood (Kingma & Welling, 2014)."
     def __init__(self, config: VAEConfig):
@@ -147,7 +147,7 @@ class VAE(HierarchicalVAE):
         z = self.posterior(x).rsample() if keep_groups >= 1 else temperature * torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
         return self.likelihood.mean(self.decoder(z))
 
-# %% ../nbs/02_vae.ipynb #3d3e2ec1
+# %% ../nbs/02_vae.ipynb #cf8a0610
 @torch.no_grad()
 def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000, max_batch: int = 2048) -> Tensor:
     "Importance-weighted estimate of log p(x) per example (Burda et al., 2015), in bounded memory."
