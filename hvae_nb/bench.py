@@ -9,17 +9,16 @@ __all__ = ['OPTIMIZERS', 'WORKER_FLAGS', 'TABLE_HEADER', 'synthetic_images', 'ma
            'benchmark_preset', 'is_out_of_memory', 'benchmark_or_report', 'worker_arguments', 'worker_timeout',
            'run_isolated', 'format_row', 'format_table', 'check_bench_options', 'open_output', 'bench_command', 'main']
 
-# %% ../nbs/13_bench.ipynb #1f54b561
+# %% ../nbs/13_bench.ipynb #479d51e8
 import json, math, os, platform, resource, statistics, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.script import Param, store_true
-from .presets import PRESETS, Preset, get_preset, ConfigError
-from .evaluate import parse_arguments, fail
+from .presets import PRESETS, Preset, get_preset, ConfigError, parse_arguments, exit_with_error
 
-# %% ../nbs/13_bench.ipynb #da963b6e
+# %% ../nbs/13_bench.ipynb #25c5638b
 def synthetic_images(preset: Preset, batch_size: int, device, seed: int = 0) -> torch.Tensor:
     "A batch shaped like the preset's data: binary pixels for a Bernoulli likelihood, 8-bit levels otherwise."
     generator = torch.Generator().manual_seed(seed)
@@ -48,7 +47,7 @@ def training_flops(model, images: torch.Tensor) -> int:
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
-# %% ../nbs/13_bench.ipynb #12fa72c3
+# %% ../nbs/13_bench.ipynb #09f49c16
 def synchronize(device: torch.device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
@@ -81,7 +80,7 @@ def measure_throughput(call, images_per_call: int, device, steps: int, repeats: 
         rates.append(images_per_call * steps / (time.perf_counter() - start))
     return Throughput(statistics.median(rates), rates, steps, durations[0])
 
-# %% ../nbs/13_bench.ipynb #0fed5e5e
+# %% ../nbs/13_bench.ipynb #bc173186
 def matmul_peak_flops(device: torch.device, dtype=torch.float32, size: int | None = None, seconds: float = 1.5) -> float:
     "The best FLOP/s of a square matrix product on `device`, over trials lasting about `seconds` (at least three)."
     size = size or (8192 if device.type == 'cuda' else 2048)
@@ -107,7 +106,7 @@ def device_name(device: torch.device) -> str:
     names = [l.split(':', 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith('model name')] if cpuinfo.exists() else []
     return names[0] if names else platform.processor() or platform.machine()
 
-# %% ../nbs/13_bench.ipynb #73f81903
+# %% ../nbs/13_bench.ipynb #8bf03612
 def default_device() -> str: return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 def prepare_model(preset: Preset, images: torch.Tensor, device: torch.device, channels_last: bool):
@@ -153,7 +152,7 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
                 flops_per_step=flops, flops_per_image=flops / batch_size, achieved_flops_per_s=achieved,
                 matmul_peak_flops_per_s=peak, mfu=achieved / peak)
 
-# %% ../nbs/13_bench.ipynb #4d94b1e8
+# %% ../nbs/13_bench.ipynb #0e43a614
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)): return True
     return isinstance(error, RuntimeError) and any(s in str(error) for s in ('out of memory', "can't allocate memory"))
@@ -165,7 +164,7 @@ def benchmark_or_report(preset: Preset, **options) -> dict:
         status = 'oom' if is_out_of_memory(e) else 'error'
         return dict(preset=preset.name, status=status, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
 
-# %% ../nbs/13_bench.ipynb #d1e6479f
+# %% ../nbs/13_bench.ipynb #a2377a87
 WORKER_FLAGS = dict(batch_size='--batch-size', steps='--steps', repeats='--repeats', warmup='--warmup', compiled='--compile',
                     channels_last='--channels-last', device='--device', budget_s='--budget', threads='--threads')
 
@@ -194,7 +193,7 @@ def run_isolated(name: str, options: dict) -> dict:
     last = (done.stderr.strip().splitlines() or ['no output'])[-1]
     return dict(preset=name, status='error', error=f'worker exit status {done.returncode}: {last}')
 
-# %% ../nbs/13_bench.ipynb #7478f26a
+# %% ../nbs/13_bench.ipynb #d2e66e4c
 def format_row(r: dict) -> list[str]:
     if r.get('status') != 'ok': return [r['preset'], '', '', '', '', '', '', '', f"{r.get('status')}: {r.get('error', '')}"[:60]]
     return [r['preset'], f"{r['parameters'] / 1e6:.2f}M", str(r['batch_size']), f"{r['train_images_per_s']:,.0f}",
@@ -213,7 +212,7 @@ def format_table(results: list[dict]) -> str:
                         f"peak memory: {ok[0]['memory_measure']}")
     return '\n'.join(lines)
 
-# %% ../nbs/13_bench.ipynb #75040247
+# %% ../nbs/13_bench.ipynb #0dcfb769
 def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int, budget: float, device, threads):
     for name in names: get_preset(name)
     for option, value in dict(steps=steps, repeats=repeats, budget=budget).items():
@@ -231,7 +230,7 @@ def open_output(out: str | None):
     try: return open(out, 'w')
     except OSError as e: raise ConfigError(f"--out {out}: cannot write there ({e.strerror})") from None
 
-# %% ../nbs/13_bench.ipynb #8ec3b01d
+# %% ../nbs/13_bench.ipynb #68422ece
 def bench_command(presets: Param("presets to measure (default: every preset)", str, nargs='*') = None,
                   batch_size: int = None,       # images per step (default: each preset's training batch size)
                   steps: int = 5,               # timed calls per repeat
@@ -260,13 +259,13 @@ def bench_command(presets: Param("presets to measure (default: every preset)", s
     print(format_table(results))
     return results
 
-# %% ../nbs/13_bench.ipynb #d4bbc209
+# %% ../nbs/13_bench.ipynb #fbffc24c
 def main(argv: list[str] | None = None):
     "Entry point of `python -m hvae_nb.bench`."
     kwargs = parse_arguments(bench_command, 'hvae_nb.bench', sys.argv[1:] if argv is None else argv)
     try: bench_command(**kwargs)
-    except ConfigError as e: fail('hvae_nb.bench', str(e))
+    except ConfigError as e: exit_with_error('hvae_nb.bench', str(e))
 
-# %% ../nbs/13_bench.ipynb #19d7f3c4
+# %% ../nbs/13_bench.ipynb #dadff40c
 #| eval: false
 if __name__ == '__main__': main()

@@ -5,16 +5,17 @@
 # %% auto #0
 __all__ = ['MODEL_FAMILIES', 'PRESETS', 'TrainConfig', 'Preset', 'register_family', 'register_preset', 'ConfigError',
            'get_preset', 'field_names', 'apply_overrides', 'preset_to_dict', 'preset_from_dict', 'RunError',
-           'load_run_preset', 'load_weights', 'from_pretrained']
+           'load_run_preset', 'load_weights', 'from_pretrained', 'underscore_options', 'exit_with_error',
+           'parse_arguments']
 
-# %% ../nbs/10_presets.ipynb #7ce1b184
+# %% ../nbs/10_presets.ipynb #dfa7a682
 from dataclasses import dataclass, field, fields, replace, asdict, is_dataclass
 import difflib, json, typing
 from pathlib import Path
 import torch
 from .vae import VAEConfig
 
-# %% ../nbs/10_presets.ipynb #8f805cc6
+# %% ../nbs/10_presets.ipynb #9d13f329
 @dataclass(frozen=True)
 class TrainConfig:
     "The training recipe. `batch_size` is global: summed over processes and gradient-accumulation micro-steps."
@@ -50,7 +51,7 @@ class Preset:
     train: TrainConfig
     description: str = ''
 
-# %% ../nbs/10_presets.ipynb #6d52afba
+# %% ../nbs/10_presets.ipynb #96c0815a
 MODEL_FAMILIES: dict = {'vae': VAEConfig}
 
 def register_family(config_class):
@@ -58,7 +59,7 @@ def register_family(config_class):
     MODEL_FAMILIES[config_class.family] = config_class
     return config_class
 
-# %% ../nbs/10_presets.ipynb #cd815bc5
+# %% ../nbs/10_presets.ipynb #634d8059
 PRESETS: dict[str, Preset] = {}
 
 def register_preset(preset: Preset) -> Preset:
@@ -78,7 +79,7 @@ register_preset(Preset(
     "A vanilla VAE on dynamically binarised MNIST with the widths of Kingma & Welling (2014) / Burda et al. (2015): "
     "two hidden layers of 500 units, 50 latent dimensions; 30k steps of batch 100 (60 epochs)."))
 
-# %% ../nbs/10_presets.ipynb #b6d1cb98
+# %% ../nbs/10_presets.ipynb #7681768e
 class ConfigError(ValueError):
     "A preset name or override that does not exist or does not parse."
 
@@ -89,7 +90,7 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}{hint}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
-# %% ../nbs/10_presets.ipynb #da01f6fb
+# %% ../nbs/10_presets.ipynb #7da1307b
 def _parse_value(text: str, current, key: str):
     "Parse `text` to the type of the field's current value."
     try:
@@ -128,7 +129,7 @@ def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
     return replace(preset, dataset=dataset, model=replace(preset.model, **changes['model']),
                    train=replace(preset.train, **changes['train']))
 
-# %% ../nbs/10_presets.ipynb #4641ac0e
+# %% ../nbs/10_presets.ipynb #ff0cfc10
 def preset_to_dict(preset: Preset) -> dict:
     return dict(name=preset.name, dataset=preset.dataset, description=preset.description,
                 model=dict(family=preset.model.family, **asdict(preset.model)), train=asdict(preset.train))
@@ -147,7 +148,7 @@ def preset_from_dict(d: dict) -> Preset:
     return Preset(d['name'], d['dataset'], _from_fields(MODEL_FAMILIES[family], model),
                   _from_fields(TrainConfig, d['train']), d.get('description', ''))
 
-# %% ../nbs/10_presets.ipynb #5b714a51
+# %% ../nbs/10_presets.ipynb #77eaf5be
 class RunError(ValueError):
     "A run directory or weights file that is missing, of another preset, or corrupt."
 
@@ -178,5 +179,31 @@ def from_pretrained(run_dir, weights: str = 'model.safetensors', map_location='c
     model = load_run_preset(run_dir).model.build()
     return load_weights(model, Path(run_dir) / weights).to(map_location).eval()
 
-# %% ../nbs/10_presets.ipynb #5c14426c
+# %% ../nbs/10_presets.ipynb #589b6f24
 import hvae_nb.lvae  # noqa: E402,F401  (registers the Ladder VAE family and its presets)
+
+# %% ../nbs/10_presets.ipynb #d8d8eef8
+import argparse, sys
+from fastcore.script import anno_parser
+
+def underscore_options(argv: list[str]) -> list[str]:
+    "'--max-steps=5' -> '--max_steps=5'; values and positional arguments are left alone."
+    def one(arg: str) -> str:
+        if not arg.startswith('--'): return arg
+        name, equals, value = arg[2:].partition('=')
+        return '--' + name.replace('-', '_') + equals + value
+    return [one(a) for a in argv]
+
+def exit_with_error(program: str, message: str):
+    "Bad input: one line on standard error, exit status 2."
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+def parse_arguments(command, program: str, argv: list[str], description: str | None = None) -> dict:
+    "Parse `argv` into `command`'s keyword arguments; a usage error is one line and exit status 2."
+    parser = anno_parser(command, prog=f'python -m {program}')
+    if description: parser.description, parser.formatter_class = description, argparse.RawDescriptionHelpFormatter
+    parser.error = lambda message: exit_with_error(program, message)
+    args = vars(parser.parse_args(underscore_options(argv)))
+    args.pop('pdb', None); args.pop('xtra', None)
+    return args

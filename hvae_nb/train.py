@@ -7,11 +7,11 @@ __all__ = ['CHECKPOINT_PREFIX', 'DEFAULT_PRESET', 'epoch_order', 'global_batch_i
            'make_optimizer', 'make_scheduler', 'make_ema', 'SkipMonitor', 'should_skip', 'checkpoint_path',
            'list_checkpoints', 'save_checkpoint', 'find_checkpoint', 'read_train_state', 'load_checkpoint',
            'StopRequest', 'MetricsLog', 'read_metrics', 'default_run_dir', 'check_new_run_dir', 'check_same_model',
-           'check_train_config', 'eval_subset', 'save_sample_grid', 'train_step', 'TrainResult', 'prepare_run',
-           'load_training_data', 'make_accelerator', 'write_run_config', 'train', 'out_of_time', 'stop_requested',
-           'train_command', 'help_text', 'underscore_option', 'parse_command_line', 'main']
+           'check_train_config', 'save_sample_grid', 'train_step', 'TrainResult', 'prepare_run', 'load_training_data',
+           'make_accelerator', 'write_run_config', 'train', 'out_of_time', 'stop_requested', 'train_command',
+           'help_text', 'parse_command_line', 'main']
 
-# %% ../nbs/11_train.ipynb #dbf0a635
+# %% ../nbs/11_train.ipynb #d5fb0ddd
 import contextlib, json, math, os, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -20,17 +20,16 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from accelerate import Accelerator, PartialState
 from safetensors.torch import save_file
-import argparse
-from fastcore.script import anno_parser, Param, store_true
+from fastcore.script import Param, store_true
 from tqdm import tqdm
 import matplotlib
-from .data import load_data, binarize, image_grid, DataError, resolve_data_dir
+from .data import load_data, binarize, image_grid, random_subset, DataError, resolve_data_dir
 from .vae import dataset_nll
 from .lvae import kl_warmup
 from .presets import (Preset, TrainConfig, PRESETS, get_preset, apply_overrides, preset_to_dict, preset_from_dict,
-                             load_run_preset, load_weights, ConfigError, RunError, field_names)
+                             load_run_preset, load_weights, ConfigError, RunError, field_names, parse_arguments, exit_with_error)
 
-# %% ../nbs/11_train.ipynb #e52f2952
+# %% ../nbs/11_train.ipynb #ee2ca737
 @lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of the training set for one epoch."
@@ -52,7 +51,7 @@ def seed_micro_batch(seed: int, step: int, micro: int):
     "Make all randomness of one micro-batch a function of (seed, step, micro-batch)."
     torch.manual_seed((seed * 1_000_003 + step) * 1024 + micro)
 
-# %% ../nbs/11_train.ipynb #9c2698a8
+# %% ../nbs/11_train.ipynb #7ce57b4d
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     kinds = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
     if train.optimizer not in kinds: raise ConfigError(f"unknown optimizer {train.optimizer!r}: expected one of {sorted(kinds)}")
@@ -72,7 +71,7 @@ def make_ema(model: torch.nn.Module, decay: float):
     if decay <= 0: return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-# %% ../nbs/11_train.ipynb #25d701e2
+# %% ../nbs/11_train.ipynb #b8565dce
 @dataclass
 class SkipMonitor:
     "Counts skipped updates and warns when too many come in a row."
@@ -92,7 +91,7 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)): return True
     return threshold > 0 and grad_norm.item() > threshold
 
-# %% ../nbs/11_train.ipynb #aaf56d61
+# %% ../nbs/11_train.ipynb #c3f616f2
 CHECKPOINT_PREFIX = 'checkpoint_'
 
 def checkpoint_path(run_dir: Path, step: int) -> Path: return Path(run_dir) / 'checkpoints' / f'{CHECKPOINT_PREFIX}{step:08d}'
@@ -142,7 +141,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema) 
         raise RunError(f"checkpoint {checkpoint} is corrupt or does not fit this model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return state
 
-# %% ../nbs/11_train.ipynb #d860b9e9
+# %% ../nbs/11_train.ipynb #338fe7d1
 class StopRequest:
     "Turns SIGTERM/SIGINT into a flag the training loop polls, within a `with` block."
     def __init__(self): self.requested = False
@@ -153,7 +152,7 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
-# %% ../nbs/11_train.ipynb #a19b5265
+# %% ../nbs/11_train.ipynb #2b9f131c
 class MetricsLog:
     "Append-only JSON lines, written by the main process."
     def __init__(self, path: Path, enabled: bool): self.path, self.enabled = Path(path), enabled
@@ -197,12 +196,7 @@ def check_train_config(train: TrainConfig, num_processes: int):
         raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by {num_processes} processes x "
                           f"{train.grad_accum} accumulation steps")
 
-# %% ../nbs/11_train.ipynb #c95ea102
-def eval_subset(images: torch.Tensor, count: int, seed: int = 1234) -> torch.Tensor:
-    "A seeded random subset of `count` images (all of them if count >= len)."
-    if count >= len(images): return images
-    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]]
-
+# %% ../nbs/11_train.ipynb #e61a9d6f
 def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     "Sample `n` images and save them as one PNG grid."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +204,7 @@ def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     matplotlib.pyplot.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
-# %% ../nbs/11_train.ipynb #4de3b15c
+# %% ../nbs/11_train.ipynb #2d74699d
 def train_step(model, optimizer, images, data, step: int, beta: float, train: TrainConfig, accelerator: Accelerator) -> dict:
     "One optimiser step on the global batch of `step`; returns this step's metrics (identical on every process)."
     indices = global_batch_indices(len(images), train.batch_size, step, train.seed)
@@ -237,7 +231,7 @@ def train_step(model, optimizer, images, data, step: int, beta: float, train: Tr
     return dict(loss=means[0].item(), reconstruction=means[1].item(), kl=means[2:].tolist(),
                 neg_elbo=(means[1] + means[2:].sum()).item(), grad_norm=grad_norm.item(), skipped_update=skipped)
 
-# %% ../nbs/11_train.ipynb #9231e8de
+# %% ../nbs/11_train.ipynb #4e5f493c
 @dataclass
 class TrainResult:
     model: torch.nn.Module        # the final weights used for evaluation (EMA when on), in eval mode
@@ -280,7 +274,7 @@ def write_run_config(run_dir: Path, preset: Preset, accelerator: Accelerator, da
                   device=str(accelerator.device), data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
     (run_dir / 'config.json').write_text(json.dumps(dict(preset=preset_to_dict(preset), launch=launch), indent=2))
 
-# %% ../nbs/11_train.ipynb #ca4cee87
+# %% ../nbs/11_train.ipynb #5894d519
 def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no', log_with=None,
           progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
@@ -306,7 +300,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     log = MetricsLog(run_dir / 'metrics.jsonl', main)
     log.truncate_after(start)
     if log_with: accelerator.init_trackers(preset.name, config=preset_to_dict(preset)['train'])
-    eval_images = eval_subset(data.test, t.eval_examples)
+    eval_images = random_subset(data.test, t.eval_examples, seed=1234)
     unwrapped = accelerator.unwrap_model(model)
     evaluation_model = lambda: ema.module if ema is not None else unwrapped
     train_state = lambda step: dict(step=step, skipped_total=skips.total, scheduler=scheduler.state_dict(),
@@ -371,7 +365,7 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     flag = torch.tensor([float(stop.requested)], device=accelerator.device)
     return accelerator.reduce(flag, 'max').item() > 0
 
-# %% ../nbs/11_train.ipynb #da1089d7
+# %% ../nbs/11_train.ipynb #9f1128c6
 DEFAULT_PRESET = 'lvae_digits'
 
 def _cli_overrides(preset: Preset, override, **options) -> Preset:
@@ -427,29 +421,18 @@ def help_text() -> str:
             f"  model.<field>: the fields of its model config (for {some.name}: {', '.join(field_names(some.model))})\n"
             f"  train.<field>: {', '.join(field_names(some.train))}")
 
-def underscore_option(arg: str) -> str:
-    "'--max-steps=5' -> '--max_steps=5'; values and positional arguments are left alone."
-    if not arg.startswith('--'): return arg
-    name, equals, value = arg[2:].partition('=')
-    return '--' + name.replace('-', '_') + equals + value
-
 def parse_command_line(argv: list[str]) -> dict:
     "Parse `argv` into `train_command`'s keyword arguments (dashes or underscores in option names)."
-    parser = anno_parser(train_command, prog='python -m hvae_nb.train')
-    parser.description, parser.formatter_class = help_text(), argparse.RawDescriptionHelpFormatter
-    argv = [underscore_option(a) for a in argv]
-    args = vars(parser.parse_args(argv))
-    args.pop('pdb', None); args.pop('xtra', None)
-    return args
+    return parse_arguments(train_command, 'hvae_nb.train', argv, description=help_text())
 
 def main(argv: list[str] | None = None):
     "Entry point of `python -m hvae_nb.train`: exit status 2 with one line on bad input."
     kwargs = parse_command_line(sys.argv[1:] if argv is None else argv)
     try: train_command(**kwargs)
     except (ConfigError, DataError, RunError) as e:
-        if PartialState().is_main_process: print(f"hvae_nb.train: error: {e}", file=sys.stderr)
+        if PartialState().is_main_process: exit_with_error('hvae_nb.train', str(e))
         sys.exit(2)
 
-# %% ../nbs/11_train.ipynb #81ca33e2
+# %% ../nbs/11_train.ipynb #e07d23eb
 #| eval: false
 if __name__ == '__main__': main()

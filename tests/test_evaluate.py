@@ -11,7 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # test the working tree even when the package is not pip-installed
 
-from hvae_nb.evaluate import FIGURE_NAMES, evaluate_run, evaluation_images, main, seeded_subset  # noqa: E402
+from hvae_nb.evaluate import FIGURE_NAMES, evaluate_run, evaluation_images, main  # noqa: E402
+from hvae_nb.data import random_subset  # noqa: E402
 from hvae_nb.presets import apply_overrides, get_preset  # noqa: E402
 
 ENVIRONMENT = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
@@ -77,8 +78,8 @@ def test_same_seed_same_numbers_and_train_split(tiny_run, tmp_path):
 
 def test_subset_is_random_not_a_prefix():
     sorted_by_label = torch.arange(1000.).view(-1, 1, 1, 1)
-    chosen = seeded_subset(sorted_by_label, 100, seed=0)
-    assert torch.equal(chosen, seeded_subset(sorted_by_label, 100, seed=0))
+    chosen = random_subset(sorted_by_label, 100, seed=0)
+    assert torch.equal(chosen, random_subset(sorted_by_label, 100, seed=0))
     assert not torch.equal(chosen, sorted_by_label[:100]) and chosen.unique().numel() == 100 and chosen.max() > 900
 
 
