@@ -52,6 +52,22 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     assert len(after) >= 100 and sorted(got) == sorted(expected)
     assert [got[s] for s in after] == [expected[s] for s in after]   # bit-for-bit, not approximately
 
+def test_resume_restores_the_ema_weights(tmp_path):
+    "With EMA on, the final weights (the EMA's) of a run resumed mid-way equal those of the uninterrupted run."
+    import shutil
+    args = TINY + ['--max-steps', '40', '--save-every', '20', '--override', 'ema_decay=0.9']
+    full = run(args + ['--out', str(tmp_path / 'full')])
+    assert full.returncode == 0, full.stderr
+    shutil.copytree(tmp_path / 'full', tmp_path / 'half')
+    shutil.rmtree(tmp_path / 'half' / 'checkpoints' / 'checkpoint_00000040')
+    (tmp_path / 'half' / 'model.safetensors').unlink()
+    resumed = run(['--resume', str(tmp_path / 'half'), '--no-progress'])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(tmp_path / 'full' / 'model.safetensors'), load_file(tmp_path / 'half' / 'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    raw = load_file(tmp_path / 'full' / 'checkpoints' / 'checkpoint_00000040' / 'model.safetensors')
+    assert raw.keys() == a.keys() and not all(torch.equal(raw[k], a[k]) for k in a)   # final weights are the EMA's, not the raw ones
+
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     "The second save is killed (SIGKILL) halfway: after the model is written, before the rename."
     script = f"""
