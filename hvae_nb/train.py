@@ -8,10 +8,10 @@ __all__ = ['CHECKPOINT_PREFIX', 'DEFAULT_PRESET', 'epoch_order', 'global_batch_i
            'list_checkpoints', 'save_checkpoint', 'find_checkpoint', 'read_train_state', 'load_checkpoint',
            'StopRequest', 'MetricsLog', 'read_metrics', 'default_run_dir', 'check_new_run_dir', 'check_same_model',
            'check_train_config', 'save_sample_grid', 'train_step', 'TrainResult', 'prepare_run', 'load_training_data',
-           'make_accelerator', 'write_run_config', 'train', 'out_of_time', 'stop_requested', 'train_command',
-           'help_text', 'parse_command_line', 'main']
+           'make_accelerator', 'agree_on_run_dir', 'write_run_config', 'train', 'out_of_time', 'stop_requested',
+           'train_command', 'help_text', 'parse_command_line', 'main']
 
-# %% ../nbs/11_train.ipynb #d5fb0ddd
+# %% ../nbs/11_train.ipynb #c3258de1
 import contextlib, json, math, os, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -29,7 +29,7 @@ from .lvae import kl_warmup
 from .presets import (Preset, TrainConfig, PRESETS, get_preset, apply_overrides, preset_to_dict, preset_from_dict,
                              load_run_preset, load_weights, ConfigError, RunError, field_names, parse_arguments, exit_with_error)
 
-# %% ../nbs/11_train.ipynb #ee2ca737
+# %% ../nbs/11_train.ipynb #609d408f
 @lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of the training set for one epoch."
@@ -51,7 +51,7 @@ def seed_micro_batch(seed: int, step: int, micro: int):
     "Make all randomness of one micro-batch a function of (seed, step, micro-batch)."
     torch.manual_seed((seed * 1_000_003 + step) * 1024 + micro)
 
-# %% ../nbs/11_train.ipynb #7ce57b4d
+# %% ../nbs/11_train.ipynb #6ea7312f
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     kinds = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
     if train.optimizer not in kinds: raise ConfigError(f"unknown optimizer {train.optimizer!r}: expected one of {sorted(kinds)}")
@@ -71,7 +71,7 @@ def make_ema(model: torch.nn.Module, decay: float):
     if decay <= 0: return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-# %% ../nbs/11_train.ipynb #b8565dce
+# %% ../nbs/11_train.ipynb #64db8dbb
 @dataclass
 class SkipMonitor:
     "Counts skipped updates and warns when too many come in a row."
@@ -91,7 +91,7 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)): return True
     return threshold > 0 and grad_norm.item() > threshold
 
-# %% ../nbs/11_train.ipynb #c3f616f2
+# %% ../nbs/11_train.ipynb #9189a8b1
 CHECKPOINT_PREFIX = 'checkpoint_'
 
 def checkpoint_path(run_dir: Path, step: int) -> Path: return Path(run_dir) / 'checkpoints' / f'{CHECKPOINT_PREFIX}{step:08d}'
@@ -141,7 +141,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema) 
         raise RunError(f"checkpoint {checkpoint} is corrupt or does not fit this model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return state
 
-# %% ../nbs/11_train.ipynb #338fe7d1
+# %% ../nbs/11_train.ipynb #a0750642
 class StopRequest:
     "Turns SIGTERM/SIGINT into a flag the training loop polls, within a `with` block."
     def __init__(self): self.requested = False
@@ -152,7 +152,7 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
-# %% ../nbs/11_train.ipynb #2b9f131c
+# %% ../nbs/11_train.ipynb #2017602b
 class MetricsLog:
     "Append-only JSON lines, written by the main process."
     def __init__(self, path: Path, enabled: bool): self.path, self.enabled = Path(path), enabled
@@ -196,7 +196,7 @@ def check_train_config(train: TrainConfig, num_processes: int):
         raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by {num_processes} processes x "
                           f"{train.grad_accum} accumulation steps")
 
-# %% ../nbs/11_train.ipynb #e61a9d6f
+# %% ../nbs/11_train.ipynb #f4df5b6c
 def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     "Sample `n` images and save them as one PNG grid."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     matplotlib.pyplot.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
-# %% ../nbs/11_train.ipynb #2d74699d
+# %% ../nbs/11_train.ipynb #007c1a6e
 def train_step(model, optimizer, images, data, step: int, beta: float, train: TrainConfig, accelerator: Accelerator) -> dict:
     "One optimiser step on the global batch of `step`; returns this step's metrics (identical on every process)."
     indices = global_batch_indices(len(images), train.batch_size, step, train.seed)
@@ -231,7 +231,7 @@ def train_step(model, optimizer, images, data, step: int, beta: float, train: Tr
     return dict(loss=means[0].item(), reconstruction=means[1].item(), kl=means[2:].tolist(),
                 neg_elbo=(means[1] + means[2:].sum()).item(), grad_norm=grad_norm.item(), skipped_update=skipped)
 
-# %% ../nbs/11_train.ipynb #4e5f493c
+# %% ../nbs/11_train.ipynb #f070119e
 @dataclass
 class TrainResult:
     model: torch.nn.Module        # the final weights used for evaluation (EMA when on), in eval mode
@@ -240,9 +240,9 @@ class TrainResult:
     test: dict = field(default_factory=dict)
     interrupted: bool = False
 
-def prepare_run(preset: Preset, out, resume, num_processes: int):
+def prepare_run(preset: Preset, out, resume):
     "Validate the preset, the run directory and the checkpoint to resume; write nothing."
-    check_train_config(preset.train, num_processes)
+    check_train_config(preset.train, num_processes=1)
     checkpoint = find_checkpoint(resume) if resume else None
     if checkpoint is not None:
         saved = preset_from_dict(read_train_state(checkpoint)['preset'])
@@ -269,18 +269,26 @@ def make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerat
     try: return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=str(run_dir))
     except (ValueError, ImportError, RuntimeError) as e: raise ConfigError(f"accelerate refused the options: {e}") from None
 
+def agree_on_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:
+    "Every process uses the main process's run directory (a default one is named after the time, which can differ)."
+    if accelerator.num_processes == 1: return run_dir
+    from accelerate.utils import broadcast_object_list
+    return Path(broadcast_object_list([str(run_dir)], from_process=0)[0])
+
 def write_run_config(run_dir: Path, preset: Preset, accelerator: Accelerator, data_dir):
     launch = dict(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
                   device=str(accelerator.device), data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
     (run_dir / 'config.json').write_text(json.dumps(dict(preset=preset_to_dict(preset), launch=launch), indent=2))
 
-# %% ../nbs/11_train.ipynb #5894d519
+# %% ../nbs/11_train.ipynb #858a683d
 def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no', log_with=None,
           progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
     t = preset.train
-    run_dir, checkpoint = prepare_run(preset, out, resume, PartialState().num_processes)
+    run_dir, checkpoint = prepare_run(preset, out, resume)
     accelerator = make_accelerator(mixed_precision, log_with, run_dir)
+    run_dir = agree_on_run_dir(accelerator, run_dir)
+    check_train_config(t, accelerator.num_processes)
     data = load_training_data(preset, data_dir, download)
     torch.manual_seed(t.seed)
     model = preset.model.build()
@@ -365,7 +373,7 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     flag = torch.tensor([float(stop.requested)], device=accelerator.device)
     return accelerator.reduce(flag, 'max').item() > 0
 
-# %% ../nbs/11_train.ipynb #9f1128c6
+# %% ../nbs/11_train.ipynb #e57f76e3
 DEFAULT_PRESET = 'lvae_digits'
 
 def _cli_overrides(preset: Preset, override, **options) -> Preset:
@@ -430,9 +438,10 @@ def main(argv: list[str] | None = None):
     kwargs = parse_command_line(sys.argv[1:] if argv is None else argv)
     try: train_command(**kwargs)
     except (ConfigError, DataError, RunError) as e:
-        if PartialState().is_main_process: exit_with_error('hvae_nb.train', str(e))
+        # the error may come before Accelerate is set up: the launcher's RANK says which process speaks
+        if int(os.environ.get('RANK', '0')) == 0: exit_with_error('hvae_nb.train', str(e))
         sys.exit(2)
 
-# %% ../nbs/11_train.ipynb #e07d23eb
+# %% ../nbs/11_train.ipynb #67378cc5
 #| eval: false
 if __name__ == '__main__': main()
