@@ -94,6 +94,16 @@ main()
     assert [c.name for c in checkpoints(tmp_path / 'run')] == ['checkpoint_00000100', 'checkpoint_00000200', 'checkpoint_00000300']
     assert not (folder / '.tmp_checkpoint_00000200').exists()
 
+def test_time_budget_stops_saves_and_evaluates(tmp_path):
+    result = run(TINY + ['--max-steps', '1000000', '--save-every', '1000000', '--override', 'max_minutes=0.05',
+                         '--out', str(tmp_path / 'run')])
+    assert result.returncode == 0, result.stderr
+    assert 'time budget of 0.05 minutes used' in result.stderr and 'test NLL' in result.stdout
+    records = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+    last_step = max(step_losses(tmp_path / 'run'))
+    assert 0 < last_step < 1_000_000 and records[-1]['step'] == last_step and 'test' in records[-1]
+    assert [c.name for c in checkpoints(tmp_path / 'run')] == [f'checkpoint_{last_step:08d}']
+
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     run_dir = tmp_path / 'run'
     process = subprocess.Popen(train_command(*TINY, '--max-steps', '100000', '--save-every', '100000', '--out', str(run_dir)),
