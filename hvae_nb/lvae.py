@@ -6,7 +6,7 @@
 __all__ = ['STEPS_PER_MNIST_EPOCH', 'precision_weighted', 'kl_warmup', 'LVAEConfig', 'mlp_block', 'GaussianHead', 'LadderVAE',
            'check_lvae_config']
 
-# %% ../nbs/03_lvae.ipynb #537c5ace
+# %% ../nbs/03_lvae.ipynb #15a051d5
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
@@ -14,7 +14,7 @@ from .distributions import DiagonalGaussian, soft_clamp, make_likelihood
 from .vae import HierarchicalVAE, LatentTrace, group_terms
 from .residual_normal import residual_posterior
 
-# %% ../nbs/03_lvae.ipynb #c20dc8c0
+# %% ../nbs/03_lvae.ipynb #25dde146
 def precision_weighted(estimate: DiagonalGaussian, prior: DiagonalGaussian) -> DiagonalGaussian:
     "The normalised product of two diagonal Gaussians: precisions add, means are precision-weighted (Sønderby et al., 2016)."
     log_precision_estimate, log_precision_prior = -2 * estimate.log_scale, -2 * prior.log_scale
@@ -23,13 +23,13 @@ def precision_weighted(estimate: DiagonalGaussian, prior: DiagonalGaussian) -> D
     log_scale = -0.5 * torch.logaddexp(log_precision_estimate, log_precision_prior)
     return DiagonalGaussian(mean, log_scale)
 
-# %% ../nbs/03_lvae.ipynb #f82e09df
+# %% ../nbs/03_lvae.ipynb #d26fe4c9
 def kl_warmup(step: int, warmup_steps: int) -> float:
     "KL weight beta at `step`: linear from 0 to 1 over `warmup_steps`, then 1 (deterministic warm-up, Sønderby et al., 2016)."
     if warmup_steps <= 0: return 1.0
     return min(1.0, step / warmup_steps)
 
-# %% ../nbs/03_lvae.ipynb #bfa59bd4
+# %% ../nbs/03_lvae.ipynb #8f62cad1
 @dataclass(frozen=True)
 class LVAEConfig:
     "A Ladder VAE (Sønderby et al., 2016). `latent_dims` and `hidden_dims` run from the bottom (next to x) to the top."
@@ -45,7 +45,7 @@ class LVAEConfig:
     family = 'lvae'
     def build(self) -> 'LadderVAE': return LadderVAE(self)
 
-# %% ../nbs/03_lvae.ipynb #fbe2a01b
+# %% ../nbs/03_lvae.ipynb #957687a0
 def mlp_block(width_in: int, width: int, layers: int = 2, batch_norm: bool = True) -> nn.Sequential:
     "`layers` x (Linear -> BatchNorm -> LeakyReLU(0.1)): the deterministic units between two latent layers."
     modules = []
@@ -64,7 +64,7 @@ class GaussianHead(nn.Module):
         mean, log_scale = self.linear(h).chunk(2, dim=1)
         return mean, soft_clamp(log_scale)
 
-# %% ../nbs/03_lvae.ipynb #fd7dbfe6
+# %% ../nbs/03_lvae.ipynb #63411557
 class LadderVAE(HierarchicalVAE):
     "Ladder VAE (Sønderby et al., 2016), or with `inference='bottom_up'` the hierarchical VAE it is compared with."
     def __init__(self, config: LVAEConfig):
@@ -176,7 +176,7 @@ def check_lvae_config(config: LVAEConfig):
     if config.inference == 'bottom_up' and config.posterior == 'residual':
         raise ValueError("posterior='residual' needs inference='ladder': bottom-up inference draws z_l before its prior is known")
 
-# %% ../nbs/03_lvae.ipynb #a53c1831
+# %% ../nbs/03_lvae.ipynb #a3adfa2c
 from .presets import Preset, TrainConfig, register_family, register_preset
 
 register_family(LVAEConfig)
