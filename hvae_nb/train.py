@@ -11,7 +11,7 @@ __all__ = ['CHECKPOINT_PREFIX', 'DEFAULT_PRESET', 'epoch_order', 'global_batch_i
            'make_accelerator', 'agree_on_run_dir', 'write_run_config', 'train', 'out_of_time', 'stop_requested',
            'train_command', 'help_text', 'parse_command_line', 'main']
 
-# %% ../nbs/11_train.ipynb #a3da7a6e
+# %% ../nbs/11_train.ipynb #a8bcfa60
 import contextlib, json, math, os, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -29,7 +29,7 @@ from .lvae import kl_warmup
 from .presets import (Preset, TrainConfig, PRESETS, get_preset, apply_overrides, preset_to_dict, preset_from_dict,
                              load_run_preset, load_weights, ConfigError, RunError, field_names, parse_arguments, exit_with_error)
 
-# %% ../nbs/11_train.ipynb #811b4b03
+# %% ../nbs/11_train.ipynb #29f7fe42
 @lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of the training set for one epoch."
@@ -51,7 +51,7 @@ def seed_micro_batch(seed: int, step: int, micro: int):
     "Make all randomness of one micro-batch a function of (seed, step, micro-batch)."
     torch.manual_seed((seed * 1_000_003 + step) * 1024 + micro)
 
-# %% ../nbs/11_train.ipynb #a3212991
+# %% ../nbs/11_train.ipynb #3f21fca0
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     kinds = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
     if train.optimizer not in kinds: raise ConfigError(f"unknown optimizer {train.optimizer!r}: expected one of {sorted(kinds)}")
@@ -71,7 +71,7 @@ def make_ema(model: torch.nn.Module, decay: float):
     if decay <= 0: return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-# %% ../nbs/11_train.ipynb #300ef681
+# %% ../nbs/11_train.ipynb #009e0b63
 @dataclass
 class SkipMonitor:
     "Counts skipped updates and warns when too many come in a row."
@@ -91,7 +91,7 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)): return True
     return threshold > 0 and grad_norm.item() > threshold
 
-# %% ../nbs/11_train.ipynb #e79efc88
+# %% ../nbs/11_train.ipynb #ef4f0693
 CHECKPOINT_PREFIX = 'checkpoint_'
 
 def checkpoint_path(run_dir: Path, step: int) -> Path: return Path(run_dir) / 'checkpoints' / f'{CHECKPOINT_PREFIX}{step:08d}'
@@ -141,7 +141,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema) 
         raise RunError(f"checkpoint {checkpoint} is corrupt or does not fit this model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return state
 
-# %% ../nbs/11_train.ipynb #41189edc
+# %% ../nbs/11_train.ipynb #bf2f6073
 class StopRequest:
     "Turns SIGTERM/SIGINT into a flag the training loop polls, within a `with` block."
     def __init__(self): self.requested = False
@@ -152,7 +152,7 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
-# %% ../nbs/11_train.ipynb #731303d0
+# %% ../nbs/11_train.ipynb #b14fdc4b
 class MetricsLog:
     "Append-only JSON lines, written by the main process."
     def __init__(self, path: Path, enabled: bool): self.path, self.enabled = Path(path), enabled
@@ -196,7 +196,7 @@ def check_train_config(train: TrainConfig, num_processes: int):
         raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by {num_processes} processes x "
                           f"{train.grad_accum} accumulation steps")
 
-# %% ../nbs/11_train.ipynb #a2829578
+# %% ../nbs/11_train.ipynb #ca293388
 def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     "Sample `n` images and save them as one PNG grid."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     matplotlib.pyplot.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
-# %% ../nbs/11_train.ipynb #394ff919
+# %% ../nbs/11_train.ipynb #8b25b466
 def train_step(model, optimizer, images, data, step: int, beta: float, train: TrainConfig, accelerator: Accelerator) -> dict:
     "One optimiser step on the global batch of `step`; returns this step's metrics (identical on every process)."
     indices = global_batch_indices(len(images), train.batch_size, step, train.seed)
@@ -231,7 +231,7 @@ def train_step(model, optimizer, images, data, step: int, beta: float, train: Tr
     return dict(loss=means[0].item(), reconstruction=means[1].item(), kl=means[2:].tolist(),
                 neg_elbo=(means[1] + means[2:].sum()).item(), grad_norm=grad_norm.item(), skipped_update=skipped)
 
-# %% ../nbs/11_train.ipynb #3b73de23
+# %% ../nbs/11_train.ipynb #e6104c65
 @dataclass
 class TrainResult:
     model: torch.nn.Module        # the final weights used for evaluation (EMA when on), in eval mode
@@ -280,7 +280,7 @@ def write_run_config(run_dir: Path, preset: Preset, accelerator: Accelerator, da
                   device=str(accelerator.device), data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
     (run_dir / 'config.json').write_text(json.dumps(dict(preset=preset_to_dict(preset), launch=launch), indent=2))
 
-# %% ../nbs/11_train.ipynb #5d97fb94
+# %% ../nbs/11_train.ipynb #c819abaf
 def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no', log_with=None,
           progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
@@ -328,7 +328,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
             done = step + 1
             record.update(step=done, beta=beta, lr=scheduler.get_last_lr()[0], skipped=skips.total,
                           images_per_s=t.batch_size / (time.perf_counter() - began))
-            bar.update(1); bar.set_postfix(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}", refresh=False); bar.update(1)
             if done % t.log_every == 0 or done == t.max_steps:
                 log.write(record)
                 if log_with: accelerator.log({k: v for k, v in record.items() if k != 'kl'}, step=done)
@@ -373,7 +373,7 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     flag = torch.tensor([float(stop.requested)], device=accelerator.device)
     return accelerator.reduce(flag, 'max').item() > 0
 
-# %% ../nbs/11_train.ipynb #6463223e
+# %% ../nbs/11_train.ipynb #05b6caa3
 DEFAULT_PRESET = 'lvae_digits'
 
 def _cli_overrides(preset: Preset, override, **options) -> Preset:
@@ -442,6 +442,6 @@ def main(argv: list[str] | None = None):
         if int(os.environ.get('RANK', '0')) == 0: exit_with_error('hvae_nb.train', str(e))
         sys.exit(2)
 
-# %% ../nbs/11_train.ipynb #a12a0881
+# %% ../nbs/11_train.ipynb #45020295
 #| eval: false
 if __name__ == '__main__': main()
