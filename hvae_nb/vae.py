@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['LatentTrace', 'VAEOutput', 'group_terms', 'elbo_loss', 'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder',
-           'conv_decoder', 'VAE', 'iw_log_likelihood', 'dataset_nll']
+           'conv_decoder', 'VAE', 'evaluating', 'batches', 'iw_log_likelihood', 'dataset_nll']
 
-# %% ../nbs/02_vae.ipynb #ad89d6a0
+# %% ../nbs/02_vae.ipynb #3f4a93a3
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 import math
 import torch
 from torch import nn, Tensor
 from .distributions import DiagonalGaussian, soft_clamp, make_likelihood, log_mean_exp, nats_to_bits_per_dim
 
-# %% ../nbs/02_vae.ipynb #61c2a28b
+# %% ../nbs/02_vae.ipynb #0453e148
 @dataclass
 class LatentTrace:
     "One posterior sample through a model: all per example, in nats."
@@ -42,7 +43,7 @@ def elbo_loss(log_px: Tensor, kl: Tensor, beta: float = 1.0, free_bits: float = 
     if free_bits > 0: kl_per_group = kl_per_group.clamp_min(free_bits)
     return -log_px.mean() + beta * kl_per_group.sum()
 
-# %% ../nbs/02_vae.ipynb #2395eb12
+# %% ../nbs/02_vae.ipynb #9576fd81
 class HierarchicalVAE(nn.Module):
     "The interface every model implements: `trace` and `sample`; the rest is derived here."
     def trace(self, x: Tensor) -> LatentTrace: raise NotImplementedError
@@ -60,7 +61,7 @@ class HierarchicalVAE(nn.Module):
     @property
     def device(self) -> torch.device: return next(self.parameters()).device
 
-# %% ../nbs/02_vae.ipynb #7a2086ca
+# %% ../nbs/02_vae.ipynb #1fe3142d
 @dataclass(frozen=True)
 class VAEConfig:
     "A vanilla VAE: one Gaussian latent group with a standard-normal prior."
@@ -73,7 +74,7 @@ class VAEConfig:
     family = 'vae'
     def build(self) -> 'VAE': return VAE(self)
 
-# %% ../nbs/02_vae.ipynb #fc0ae40b
+# %% ../nbs/02_vae.ipynb #76fa0009
 def mlp(widths, activation=nn.ELU) -> nn.Sequential:
     "Linear layers of the given widths with `activation` between them (none after the last)."
     layers = []
@@ -96,7 +97,7 @@ def conv_decoder(latent_dim: int, hidden: tuple, channels_out: int, spatial: tup
                          nn.Upsample(scale_factor=2), nn.Conv2d(c2, c1, 3, 1, 1), nn.ELU(),
                          nn.Upsample(scale_factor=2), nn.Conv2d(c1, channels_out, 3, 1, 1))
 
-# %% ../nbs/02_vae.ipynb #fff88ec3
+# %% ../nbs/02_vae.ipynb #9d062d1c
 class VAE(HierarchicalVAE):
     "Encoder -> one diagonal-Gaussian latent -> decoder -> likelihood (Kingma & Welling, 2014)."
     def __init__(self, config: VAEConfig):
@@ -147,7 +148,20 @@ class VAE(HierarchicalVAE):
         z = self.posterior(x).rsample() if keep_groups >= 1 else temperature * torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
         return self.likelihood.mean(self.decoder(z))
 
-# %% ../nbs/02_vae.ipynb #cf8a0610
+# %% ../nbs/02_vae.ipynb #ea898d6e
+@contextmanager
+def evaluating(model):
+    "The model in eval mode (batch norm uses its running statistics) and without gradients; its mode restored after."
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(): yield model
+    finally: model.train(was_training)
+
+def batches(images: Tensor, batch_size: int):
+    "Consecutive slices of `images` of at most `batch_size`."
+    for start in range(0, len(images), batch_size): yield images[start:start + batch_size]
+
 @torch.no_grad()
 def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000, max_batch: int = 2048) -> Tensor:
     "Importance-weighted estimate of log p(x) per example (Burda et al., 2015), in bounded memory."
@@ -164,14 +178,12 @@ def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000
 @torch.no_grad()
 def dataset_nll(model: HierarchicalVAE, images: Tensor, num_samples: int = 1000, batch_size: int = 100, max_batch: int = 2048) -> dict:
     "Mean IW negative log-likelihood and negative ELBO of `images` (N,C,H,W), in nats and bits per dimension."
-    was_training = model.training
-    model.eval()
     nll, neg_elbo = [], []
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(model.device)
-        nll.append(-iw_log_likelihood(model, x, num_samples, max_batch))
-        neg_elbo.append(-model(x).elbo)
-    model.train(was_training)
+    with evaluating(model):
+        for x in batches(images, batch_size):
+            x = x.to(model.device)
+            nll.append(-iw_log_likelihood(model, x, num_samples, max_batch))
+            neg_elbo.append(-model(x).elbo)
     nll, neg_elbo = torch.cat(nll).mean().item(), torch.cat(neg_elbo).mean().item()
     dims = images[0].numel()
     return dict(nll_nats=nll, nll_bits_per_dim=nats_to_bits_per_dim(nll, dims), neg_elbo_nats=neg_elbo,
