@@ -8,14 +8,14 @@ __all__ = ['MODEL_FAMILIES', 'PRESETS', 'TrainConfig', 'Preset', 'register_famil
            'load_run_preset', 'load_weights', 'from_pretrained', 'underscore_options', 'exit_with_error',
            'parse_arguments']
 
-# %% ../nbs/10_presets.ipynb #1dae18ac
-from dataclasses import dataclass, field, fields, replace, asdict, is_dataclass
+# %% ../nbs/10_presets.ipynb #48f2f08f
+from dataclasses import dataclass, fields, replace, asdict
 import difflib, json, typing
 from pathlib import Path
 import torch
 from .vae import VAEConfig
 
-# %% ../nbs/10_presets.ipynb #e60cc61a
+# %% ../nbs/10_presets.ipynb #d5869191
 @dataclass(frozen=True)
 class TrainConfig:
     "The training recipe. `batch_size` is global: summed over processes and gradient-accumulation micro-steps."
@@ -51,7 +51,7 @@ class Preset:
     train: TrainConfig
     description: str = ''
 
-# %% ../nbs/10_presets.ipynb #4ab13ad8
+# %% ../nbs/10_presets.ipynb #fb822064
 MODEL_FAMILIES: dict = {'vae': VAEConfig}
 
 def register_family(config_class):
@@ -59,7 +59,7 @@ def register_family(config_class):
     MODEL_FAMILIES[config_class.family] = config_class
     return config_class
 
-# %% ../nbs/10_presets.ipynb #3914d5fd
+# %% ../nbs/10_presets.ipynb #1897213c
 PRESETS: dict[str, Preset] = {}
 
 def register_preset(preset: Preset) -> Preset:
@@ -79,7 +79,7 @@ register_preset(Preset(
     "A vanilla VAE on dynamically binarised MNIST with the widths of Kingma & Welling (2014) / Burda et al. (2015): "
     "two hidden layers of 500 units, 50 latent dimensions; 30k steps of batch 100 (60 epochs)."))
 
-# %% ../nbs/10_presets.ipynb #a68c53e4
+# %% ../nbs/10_presets.ipynb #fa20f65f
 class ConfigError(ValueError):
     "A preset name or override that does not exist or does not parse."
 
@@ -90,7 +90,7 @@ def get_preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}{hint}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
-# %% ../nbs/10_presets.ipynb #ac30ca01
+# %% ../nbs/10_presets.ipynb #df417a27
 def _parse_value(text: str, current, key: str):
     "Parse `text` to the type of the field's current value."
     try:
@@ -129,7 +129,7 @@ def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
     return replace(preset, dataset=dataset, model=replace(preset.model, **changes['model']),
                    train=replace(preset.train, **changes['train']))
 
-# %% ../nbs/10_presets.ipynb #cb184a92
+# %% ../nbs/10_presets.ipynb #48533cb0
 def preset_to_dict(preset: Preset) -> dict:
     return dict(name=preset.name, dataset=preset.dataset, description=preset.description,
                 model=dict(family=preset.model.family, **asdict(preset.model)), train=asdict(preset.train))
@@ -148,7 +148,7 @@ def preset_from_dict(d: dict) -> Preset:
     return Preset(d['name'], d['dataset'], _from_fields(MODEL_FAMILIES[family], model),
                   _from_fields(TrainConfig, d['train']), d.get('description', ''))
 
-# %% ../nbs/10_presets.ipynb #c81d42a0
+# %% ../nbs/10_presets.ipynb #580c0475
 class RunError(ValueError):
     "A run directory or weights file that is missing, of another preset, or corrupt."
 
@@ -184,10 +184,10 @@ def from_pretrained(run_dir, weights: str = 'model.safetensors', map_location='c
     except (ValueError, TypeError) as e: raise RunError(f"{run_dir / 'config.json'} describes a model that cannot be built: {e}") from None
     return load_weights(model, run_dir / weights).to(map_location).eval()
 
-# %% ../nbs/10_presets.ipynb #2944e279
+# %% ../nbs/10_presets.ipynb #554966e0
 import hvae_nb.lvae  # noqa: E402,F401  (registers the Ladder VAE family and its presets)
 
-# %% ../nbs/10_presets.ipynb #54d45c4f
+# %% ../nbs/10_presets.ipynb #a26bc8a4
 import argparse, sys
 from fastcore.script import anno_parser
 

@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['residual_normal_kl', 'ResidualNormal', 'residual_posterior']
 
-# %% ../nbs/04_residual_normal.ipynb #78f841e0
+# %% ../nbs/04_residual_normal.ipynb #b62d492b
 import torch
 from torch import Tensor
-from .distributions import DiagonalGaussian, gaussian_kl
+from .distributions import DiagonalGaussian
 
-# %% ../nbs/04_residual_normal.ipynb #95b562a4
+# %% ../nbs/04_residual_normal.ipynb #9df57f20
 def residual_normal_kl(delta_mean: Tensor, delta_log_scale: Tensor, prior_log_scale: Tensor) -> Tensor:
     """Elementwise KL( N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)) || N(mu_p, sigma_p) ) in nats:
     1/2 (delta_mean^2 / sigma_p^2 + delta_sigma^2 - log delta_sigma^2 - 1) (NVAE, Sec. 3.2). mu_p cancels."""

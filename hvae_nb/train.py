@@ -11,7 +11,7 @@ __all__ = ['CHECKPOINT_PREFIX', 'DEFAULT_PRESET', 'epoch_order', 'global_batch_i
            'make_accelerator', 'agree_on_run_dir', 'write_run_config', 'train', 'out_of_time', 'stop_requested',
            'train_command', 'help_text', 'parse_command_line', 'main']
 
-# %% ../nbs/11_train.ipynb #3104409f
+# %% ../nbs/11_train.ipynb #a0c6855f
 import contextlib, json, math, os, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -27,9 +27,9 @@ from .data import load_data, binarize, image_grid, random_subset, DataError, res
 from .vae import dataset_nll
 from .lvae import kl_warmup
 from .presets import (Preset, TrainConfig, PRESETS, get_preset, apply_overrides, preset_to_dict, preset_from_dict,
-                             load_run_preset, load_weights, ConfigError, RunError, field_names, parse_arguments, exit_with_error)
+                             load_run_preset, ConfigError, RunError, field_names, parse_arguments, exit_with_error)
 
-# %% ../nbs/11_train.ipynb #62be6f16
+# %% ../nbs/11_train.ipynb #a27bf630
 @lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of the training set for one epoch."
@@ -51,7 +51,7 @@ def seed_micro_batch(seed: int, step: int, micro: int):
     "Make all randomness of one micro-batch a function of (seed, step, micro-batch)."
     torch.manual_seed((seed * 1_000_003 + step) * 1024 + micro)
 
-# %% ../nbs/11_train.ipynb #5a6e9a44
+# %% ../nbs/11_train.ipynb #122056e5
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     kinds = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
     if train.optimizer not in kinds: raise ConfigError(f"unknown optimizer {train.optimizer!r}: expected one of {sorted(kinds)}")
@@ -71,7 +71,7 @@ def make_ema(model: torch.nn.Module, decay: float):
     if decay <= 0: return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
-# %% ../nbs/11_train.ipynb #a42b3560
+# %% ../nbs/11_train.ipynb #46d8ded7
 @dataclass
 class SkipMonitor:
     "Counts skipped updates and warns when too many come in a row."
@@ -91,7 +91,7 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)): return True
     return threshold > 0 and grad_norm.item() > threshold
 
-# %% ../nbs/11_train.ipynb #6eb3d6f1
+# %% ../nbs/11_train.ipynb #cce38003
 CHECKPOINT_PREFIX = 'checkpoint_'
 
 def checkpoint_path(run_dir: Path, step: int) -> Path: return Path(run_dir) / 'checkpoints' / f'{CHECKPOINT_PREFIX}{step:08d}'
@@ -141,7 +141,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema) 
         raise RunError(f"checkpoint {checkpoint} is corrupt or does not fit this model: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return state
 
-# %% ../nbs/11_train.ipynb #6a21b1a7
+# %% ../nbs/11_train.ipynb #7137836d
 class StopRequest:
     "Turns SIGTERM/SIGINT into a flag the training loop polls, within a `with` block."
     def __init__(self): self.requested = False
@@ -152,7 +152,7 @@ class StopRequest:
     def __exit__(self, *exc):
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
-# %% ../nbs/11_train.ipynb #a108a238
+# %% ../nbs/11_train.ipynb #dd75db39
 class MetricsLog:
     "Append-only JSON lines, written by the main process."
     def __init__(self, path: Path, enabled: bool): self.path, self.enabled = Path(path), enabled
@@ -196,7 +196,7 @@ def check_train_config(train: TrainConfig, num_processes: int):
         raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by {num_processes} processes x "
                           f"{train.grad_accum} accumulation steps")
 
-# %% ../nbs/11_train.ipynb #c42741c1
+# %% ../nbs/11_train.ipynb #5983a794
 def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     "Sample `n` images and save them as one PNG grid."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0):
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     matplotlib.pyplot.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
-# %% ../nbs/11_train.ipynb #e5b56172
+# %% ../nbs/11_train.ipynb #ed812fcf
 def train_step(model, optimizer, images, data, step: int, beta: float, train: TrainConfig, accelerator: Accelerator) -> dict:
     "One optimiser step on the global batch of `step`; returns this step's metrics (identical on every process)."
     indices = global_batch_indices(len(images), train.batch_size, step, train.seed)
@@ -231,7 +231,7 @@ def train_step(model, optimizer, images, data, step: int, beta: float, train: Tr
     return dict(loss=means[0].item(), reconstruction=means[1].item(), kl=means[2:].tolist(),
                 neg_elbo=(means[1] + means[2:].sum()).item(), grad_norm=grad_norm.item(), skipped_update=skipped)
 
-# %% ../nbs/11_train.ipynb #95349469
+# %% ../nbs/11_train.ipynb #a768999c
 @dataclass
 class TrainResult:
     model: torch.nn.Module        # the final weights used for evaluation (EMA when on), in eval mode
@@ -241,8 +241,7 @@ class TrainResult:
     interrupted: bool = False
 
 def prepare_run(preset: Preset, out, resume):
-    "Validate the preset, the run directory and the checkpoint to resume; write nothing."
-    check_train_config(preset.train, num_processes=1)
+    "Validate the run directory and the checkpoint to resume; write nothing."
     checkpoint = find_checkpoint(resume) if resume else None
     if checkpoint is not None:
         saved = preset_from_dict(read_train_state(checkpoint)['preset'])
@@ -280,7 +279,7 @@ def write_run_config(run_dir: Path, preset: Preset, accelerator: Accelerator, da
                   device=str(accelerator.device), data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
     (run_dir / 'config.json').write_text(json.dumps(dict(preset=preset_to_dict(preset), launch=launch), indent=2))
 
-# %% ../nbs/11_train.ipynb #a9733b30
+# %% ../nbs/11_train.ipynb #d73b012a
 def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no', log_with=None,
           progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
@@ -295,7 +294,8 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     optimizer = make_optimizer(model, t)
     scheduler = make_scheduler(optimizer, t)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = make_ema(accelerator.unwrap_model(model), t.ema_decay)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = make_ema(unwrapped, t.ema_decay)
     skips, start = SkipMonitor(), 0
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, scheduler, ema)
@@ -309,7 +309,6 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     log.truncate_after(start)
     if log_with: accelerator.init_trackers(preset.name, config=preset_to_dict(preset)['train'])
     eval_images = random_subset(data.test, t.eval_examples, seed=1234)
-    unwrapped = accelerator.unwrap_model(model)
     evaluation_model = lambda: ema.module if ema is not None else unwrapped
     train_state = lambda step: dict(step=step, skipped_total=skips.total, scheduler=scheduler.state_dict(),
                                     preset=preset_to_dict(preset))
@@ -373,7 +372,7 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     flag = torch.tensor([float(stop.requested)], device=accelerator.device)
     return accelerator.reduce(flag, 'max').item() > 0
 
-# %% ../nbs/11_train.ipynb #14fe422e
+# %% ../nbs/11_train.ipynb #d9aa32cc
 DEFAULT_PRESET = 'lvae_digits'
 
 def _cli_overrides(preset: Preset, override, **options) -> Preset:
@@ -442,6 +441,6 @@ def main(argv: list[str] | None = None):
         if int(os.environ.get('RANK', '0')) == 0: exit_with_error('hvae_nb.train', str(e))
         sys.exit(2)
 
-# %% ../nbs/11_train.ipynb #808fdf61
+# %% ../nbs/11_train.ipynb #d1d46b02
 #| eval: false
 if __name__ == '__main__': main()

@@ -6,15 +6,15 @@
 __all__ = ['LatentTrace', 'VAEOutput', 'group_terms', 'elbo_loss', 'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder',
            'conv_decoder', 'VAE', 'evaluating', 'batches', 'iw_log_likelihood', 'dataset_nll']
 
-# %% ../nbs/02_vae.ipynb #3f4a93a3
+# %% ../nbs/02_vae.ipynb #6151a5d7
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import math
 import torch
 from torch import nn, Tensor
-from .distributions import DiagonalGaussian, soft_clamp, make_likelihood, log_mean_exp, nats_to_bits_per_dim
+from .distributions import DiagonalGaussian, soft_clamp, make_likelihood, nats_to_bits_per_dim
 
-# %% ../nbs/02_vae.ipynb #0453e148
+# %% ../nbs/02_vae.ipynb #4900d26a
 @dataclass
 class LatentTrace:
     "One posterior sample through a model: all per example, in nats."
@@ -43,7 +43,7 @@ def elbo_loss(log_px: Tensor, kl: Tensor, beta: float = 1.0, free_bits: float = 
     if free_bits > 0: kl_per_group = kl_per_group.clamp_min(free_bits)
     return -log_px.mean() + beta * kl_per_group.sum()
 
-# %% ../nbs/02_vae.ipynb #9576fd81
+# %% ../nbs/02_vae.ipynb #d8ecbb2e
 class HierarchicalVAE(nn.Module):
     "The interface every model implements: `trace` and `sample`; the rest is derived here."
     def trace(self, x: Tensor) -> LatentTrace: raise NotImplementedError
@@ -61,7 +61,7 @@ class HierarchicalVAE(nn.Module):
     @property
     def device(self) -> torch.device: return next(self.parameters()).device
 
-# %% ../nbs/02_vae.ipynb #1fe3142d
+# %% ../nbs/02_vae.ipynb #92b83f06
 @dataclass(frozen=True)
 class VAEConfig:
     "A vanilla VAE: one Gaussian latent group with a standard-normal prior."
@@ -74,7 +74,7 @@ class VAEConfig:
     family = 'vae'
     def build(self) -> 'VAE': return VAE(self)
 
-# %% ../nbs/02_vae.ipynb #76fa0009
+# %% ../nbs/02_vae.ipynb #6504fb7b
 def mlp(widths, activation=nn.ELU) -> nn.Sequential:
     "Linear layers of the given widths with `activation` between them (none after the last)."
     layers = []
@@ -97,7 +97,7 @@ def conv_decoder(latent_dim: int, hidden: tuple, channels_out: int, spatial: tup
                          nn.Upsample(scale_factor=2), nn.Conv2d(c2, c1, 3, 1, 1), nn.ELU(),
                          nn.Upsample(scale_factor=2), nn.Conv2d(c1, channels_out, 3, 1, 1))
 
-# %% ../nbs/02_vae.ipynb #9d062d1c
+# %% ../nbs/02_vae.ipynb #6526f490
 class VAE(HierarchicalVAE):
     "Encoder -> one diagonal-Gaussian latent -> decoder -> likelihood (Kingma & Welling, 2014)."
     def __init__(self, config: VAEConfig):
@@ -148,7 +148,7 @@ class VAE(HierarchicalVAE):
         z = self.posterior(x).rsample() if keep_groups >= 1 else temperature * torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
         return self.likelihood.mean(self.decoder(z))
 
-# %% ../nbs/02_vae.ipynb #ea898d6e
+# %% ../nbs/02_vae.ipynb #6675fd8e
 @contextmanager
 def evaluating(model):
     "The model in eval mode (batch norm uses its running statistics) and without gradients; its mode restored after."

@@ -1,5 +1,4 @@
 """Fast checks of the Ladder VAE, the residual normal and the latent diagnostics (the notebooks hold the full story)."""
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path

@@ -1,5 +1,5 @@
 "README.md is generated from nbs/index.ipynb; this fails when someone edits one without regenerating the other."
-import subprocess, sys
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
