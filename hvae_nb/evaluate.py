@@ -62,8 +62,9 @@ def summarize(nll: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor,
                 kl_per_group_nats=kl.double().mean(0).tolist(), dims=dims)
 
 def active_units_summary(found) -> dict:
-    "The JSON form of an `ActiveUnits`: counts only."
-    return dict(total=found.total, per_group=found.per_group, group_sizes=found.sizes, threshold=found.threshold)
+    "The JSON form of an `ActiveUnits`: counts only (Burda's statistic, and beyond the prior)."
+    return dict(total=found.total, per_group=found.per_group, total_beyond_prior=found.total_beyond_prior,
+                per_group_beyond_prior=found.per_group_beyond_prior, group_sizes=found.sizes, threshold=found.threshold)
 
 # %% ../nbs/12_evaluate.ipynb #84e30564
 def resolve_weights(run_dir: Path, weights: str) -> Path:

@@ -165,6 +165,11 @@ class LadderVAE(HierarchicalVAE):
         "E_q[z_l] for every layer, bottom to top, each conditioned on the means of the layers above (ladder) or below (baseline)."
         return [q.mean for q in self.walk(x, use_mean=True)[1]]
 
+    @torch.no_grad()
+    def prior_means(self, x: Tensor) -> list[Tensor]:
+        "E_p[z_l | z_l+1] for every layer, bottom to top, along the same pass of posterior means."
+        return [p.mean for p in self.walk(x, use_mean=True)[2]]
+
 def check_lvae_config(config: LVAEConfig):
     "Fail early, with a message, on configurations the model cannot build."
     if len(config.latent_dims) != len(config.hidden_dims):

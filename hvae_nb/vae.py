@@ -143,6 +143,11 @@ class VAE(HierarchicalVAE):
         return [self.posterior(x).mean]
 
     @torch.no_grad()
+    def prior_means(self, x: Tensor) -> list[Tensor]:
+        "E_p[z_g] for each latent group: zero, the mean of the standard-normal prior."
+        return [torch.zeros(x.shape[0], self.config.latent_dim, device=x.device)]
+
+    @torch.no_grad()
     def reconstruct_keep(self, x: Tensor, keep_groups: int, temperature: float = 1.0) -> Tensor:
         "Keep the posterior sample for the top `keep_groups` groups, draw the rest from the prior."
         z = self.posterior(x).rsample() if keep_groups >= 1 else temperature * torch.randn(x.shape[0], self.config.latent_dim, device=x.device)

@@ -82,3 +82,20 @@ def test_diagnostics_through_the_interface():
     active = active_units(model, images, batch_size=20)
     assert kl.shape == (3,) and active.sizes == [6, 4, 2] and 0 <= active.total <= 12
     assert model.training  # mode restored
+
+
+def test_a_collapsed_group_is_active_by_burda_but_not_beyond_its_prior():
+    # Residual posterior whose middle layer's bottom-up head outputs zeros: q(z_1 | z_2, x) = p(z_1 | z_2) exactly,
+    # so the layer's KL is zero; its posterior mean still follows x through the prior mean, which Burda's statistic counts.
+    torch.manual_seed(0)
+    model = replace(SMALL, posterior='residual').build()
+    head = model.posterior_heads[1].linear
+    torch.nn.init.zeros_(head.weight); torch.nn.init.zeros_(head.bias)
+    with torch.no_grad(): model.posterior_heads[2].linear.weight.mul_(100)   # a top layer that moves with x
+    images = torch.bernoulli(torch.rand(256, 1, 8, 8))
+    kl = kl_per_group(model, images, batch_size=64)
+    active = active_units(model, images, batch_size=64, threshold=1e-6)
+    assert kl[1] == pytest.approx(0, abs=1e-6) and kl[0] > 0 and kl[2] > 0
+    assert active.per_group[1] >= 1 and active.per_group_beyond_prior[1] == 0
+    assert active.variances_beyond_prior[1].max() < 1e-10 < 1e-6 < active.variances[1].max()
+    assert torch.equal(active.variances_beyond_prior[2], active.variances[2])  # the top layer's prior is fixed: the same statistic
