@@ -10,7 +10,7 @@ __all__ = ['STEPS_PER_MNIST_EPOCH', 'precision_weighted', 'kl_warmup', 'LVAEConf
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from .distributions import DiagonalGaussian, soft_clamp, make_likelihood
+from .distributions import DiagonalGaussian, gaussian_params, make_likelihood
 from .vae import HierarchicalVAE, LatentTrace, group_terms
 from .residual_normal import residual_posterior
 
@@ -61,8 +61,7 @@ class GaussianHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(width, 2 * dim)
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_scale = self.linear(h).chunk(2, dim=1)
-        return mean, soft_clamp(log_scale)
+        return gaussian_params(self.linear(h))
 
 # %% ../nbs/03_lvae.ipynb #63411557
 class LadderVAE(HierarchicalVAE):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import math
 import torch
 from torch import nn, Tensor
-from .distributions import DiagonalGaussian, soft_clamp, make_likelihood, nats_to_bits_per_dim
+from .distributions import DiagonalGaussian, gaussian_params, make_likelihood, nats_to_bits_per_dim
 
 # %% ../nbs/02_vae.ipynb #4900d26a
 @dataclass
@@ -117,8 +117,7 @@ class VAE(HierarchicalVAE):
         else: raise ValueError(f"unknown network {config.network!r}: expected 'mlp' or 'conv'")
 
     def posterior(self, x: Tensor) -> DiagonalGaussian:
-        mean, log_scale = self.encoder(x).chunk(2, dim=1)
-        return DiagonalGaussian(mean, soft_clamp(log_scale))
+        return DiagonalGaussian(*gaussian_params(self.encoder(x)))
 
     def trace(self, x: Tensor) -> LatentTrace:
         q = self.posterior(x)
