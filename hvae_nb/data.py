@@ -32,7 +32,8 @@ __all__ = ['DATA_DIR_ENV', 'DEFAULT_DATA_DIR', 'MNIST_MIRRORS', 'OFFICIAL_FILES'
            'resolve_data_dir', 'RemoteFile', 'download_file', 'ensure_file', 'read_idx', 'load_mnist',
            'load_binarized_mnist', 'download_binarized_mnist', 'parse_cifar_records', 'load_cifar10',
            'load_digits_images', 'binarize', 'fixed_binarization', 'ImageData', 'digits_data', 'mnist_data',
-           'binarized_mnist_data', 'cifar10_data', 'load_data', 'image_grid', 'show_images', 'random_subset']
+           'binarized_mnist_data', 'binarized_mnist_trainval_data', 'cifar10_data', 'load_data', 'image_grid',
+           'show_images', 'random_subset']
 
 # %% ../nbs/01_data.ipynb #9ff99457
 class DataError(ValueError):
@@ -332,12 +333,19 @@ def binarized_mnist_data(data_dir=None, download=False, test_seed: int = 0) -> I
     train, test = (_float(load_binarized_mnist(split, data_dir, download), 1) for split in ("train", "test"))
     return ImageData("binarized_mnist", train, test, "bernoulli", dynamic_binarization=False)
 
+def binarized_mnist_trainval_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+    # The final-training variant: the 10,000 validation images join the 50,000 training images.
+    splits = {split: _float(load_binarized_mnist(split, data_dir, download), 1) for split in ("train", "valid", "test")}
+    return ImageData("binarized_mnist_trainval", torch.cat([splits["train"], splits["valid"]]), splits["test"], "bernoulli",
+                     dynamic_binarization=False)
+
 def cifar10_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     train, test = (_float(load_cifar10(split, data_dir, download)[0], 255) for split in ("train", "test"))
     return ImageData("cifar10", train, test, "logistic_mixture", dynamic_binarization=False)
 
 DATASETS: dict[str, Callable[..., ImageData]] = {
-    "digits": digits_data, "mnist": mnist_data, "binarized_mnist": binarized_mnist_data, "cifar10": cifar10_data}
+    "digits": digits_data, "mnist": mnist_data, "binarized_mnist": binarized_mnist_data,
+    "binarized_mnist_trainval": binarized_mnist_trainval_data, "cifar10": cifar10_data}
 
 def load_data(name: str, data_dir=None, download: bool = False, test_seed: int = 0) -> ImageData:
     "Load the dataset `name` (a key of `DATASETS`) as an `ImageData`."

@@ -119,6 +119,16 @@ def test_binarized_mnist_shapes_and_mean(split, rows, mean):
     assert abs(images.mean() - mean) < 5e-4
 
 
+@needs_binarized
+def test_binarized_mnist_trainval_adds_the_validation_split():
+    plain = load_data("binarized_mnist", data_dir=REAL_DATA)
+    full = load_data("binarized_mnist_trainval", data_dir=REAL_DATA)
+    valid = torch.from_numpy(load_binarized_mnist("valid", data_dir=REAL_DATA)).float()
+    assert plain.train.shape == (50000, 1, 28, 28) and full.train.shape == (60000, 1, 28, 28)
+    assert torch.equal(full.train[:50000], plain.train) and torch.equal(full.train[50000:], valid)
+    assert torch.equal(full.test, plain.test) and not full.dynamic_binarization and full.likelihood == "bernoulli"
+
+
 def test_binarized_mnist_wrong_shape_and_key(tmp_path):
     path = tmp_path/"binarized_mnist"/"binarized_mnist_packed.npz"
     path.parent.mkdir()
@@ -307,7 +317,7 @@ def test_digits_split_and_data():
     assert data.likelihood == "bernoulli" and data.dynamic_binarization
     assert set(data.test.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(data.test, load_data("digits", test_seed=0).test)
-    assert set(DATASETS) == {"digits", "mnist", "binarized_mnist", "cifar10"}
+    assert set(DATASETS) == {"digits", "mnist", "binarized_mnist", "binarized_mnist_trainval", "cifar10"}
 
 
 def test_binarize_is_bernoulli():
