@@ -72,6 +72,9 @@ def test_presets_are_registered():
     paper = get_preset('lvae_mnist')
     assert paper.model.latent_dims == (64, 32, 16, 8, 4) and paper.model.hidden_dims == (512, 256, 128, 64, 32)
     assert (paper.train.batch_size, paper.train.lr, paper.train.max_steps, paper.train.kl_warmup_steps) == (256, 1e-3, 468_750, 46_875)
+    hour = get_preset('lvae_mnist_hour')
+    assert hour.model == paper.model and hour.dataset == 'binarized_mnist'
+    assert (hour.train.max_steps, hour.train.max_minutes, hour.train.min_lr_ratio, hour.train.ema_decay) == (45_000, 60, 0.02, 0.999)
 
 
 def test_diagnostics_through_the_interface():
