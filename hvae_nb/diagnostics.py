@@ -74,8 +74,8 @@ def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: 
         for bar, a in zip(bars, counts):
             axes[1].text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(a), ha='center', va='bottom', fontsize=7)
     axes[1].set_xticks(positions, [f'{n}\n({s})' for n, s in zip(names, active.sizes)])
-    axes[1].set_ylim(0, 1.2); axes[1].set_ylabel('active fraction'); axes[1].set_xlabel('latent group (units)')
-    axes[1].legend(fontsize=7, loc='upper right')
+    axes[1].set_ylim(0, 1.4); axes[1].set_ylabel('active fraction'); axes[1].set_xlabel('latent group (units)')
+    axes[1].legend(fontsize=7, loc='upper center', ncol=2, frameon=False)
     heading = f'{title}: ' if title else ''
     axes[0].set_title(f'{heading}KL {kl.sum():.1f} nats')
     axes[1].set_title(f'{heading}{active.total} active ({active.total_beyond_prior} beyond prior)')
