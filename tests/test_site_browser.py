@@ -6,7 +6,7 @@ maths with KaTeX in the browser, with the script pandoc and Quarto write (`katex
 `throwOnError: false`, so a formula KaTeX cannot parse is shown as red source text of class `katex-error`). The
 page asks for KaTeX at the CDN address the site uses; the check answers those requests from a local copy of the
 `katex` npm package and refuses every other request to the network, so nothing is fetched from a CDN. Per page:
-- KaTeX loaded and the page raised no JavaScript error;
+- KaTeX loaded (on a page with maths) and the page raised no JavaScript error;
 - every <img> decoded, with a non-zero width and height;
 - every formula rendered: none is a `katex-error`, each math span holds KaTeX's output.
 A failure names the page, and the formula with KaTeX's error message, or the image.
@@ -109,7 +109,8 @@ def page_problems(browser, html: Path, katex_dist: Path, screenshots: Path | Non
     finally:
         page.close()
     problems = []
-    if not found['katex']: problems.append(f"KaTeX did not load (requests refused: {refused})")
+    # pandoc writes the KaTeX scripts into pages that have maths only
+    if found['formulas'] and not found['katex']: problems.append(f"KaTeX did not load (requests refused: {refused})")
     problems += [f"a script error: {e}" for e in script_errors]
     problems += [f"an image that does not show: {i['src']}" for i in found['images'] if not i['shown']]
     problems += [f"a formula KaTeX cannot render: `{f['tex']}`: {f['error'] or 'not rendered'}"
