@@ -4,7 +4,8 @@ tools/execute_chapters.py runs a chapter and records in its metadata the hash of
 naming the chapter and the command that re-executes it, when a chapter that has code to run
 - was never executed by the script (no recorded hash) or its code changed since (the hash differs),
 - stores no output at all (saved after "Clear All Outputs", for instance),
-- stores an error or a traceback in an output.
+- stores an error or a traceback in an output,
+- has a long (`#| slow`) cell that does not wait for HVAE_SLOW=1, so that JupyterLab's Run All would start it.
 It also keeps the repository light: all of nbs/ under 15 MB, and no image (an output or a file under nbs/) larger
 than a figure needs.
 """
@@ -16,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 sys.path.insert(0, str(ROOT / 'tools'))
-from execute_chapters import chapter_paths, code_sha256, is_skipped, recorded_sha256, skip_flags  # noqa: E402
+from execute_chapters import (chapter_paths, code_sha256, directives, is_skipped, recorded_sha256,  # noqa: E402
+                              skip_flags, source)
 
 NBS_LIMIT = 15 * 2**20
 # a figure of the house (dpi 80-100, at most ~12 inches wide) is well within these; a sample grid too
@@ -60,6 +62,16 @@ def test_chapter_is_executed(name):
     assert any(c.get('outputs') for _, c in cells), f"{name} stores no output (were they cleared?); {rerun(path)}"
     errors = error_outputs(notebook)
     assert not errors, f"{name} stores errors in its outputs: fix the chapter, then {rerun(path)}\n" + '\n'.join(errors)
+
+
+@pytest.mark.parametrize('name', [p.name for p in chapter_paths(NBS)])
+def test_long_cells_wait_for_hvae_slow(name):
+    "JupyterLab's Run All runs `#| slow` cells too: their long body must run only when HVAE_SLOW=1."
+    flags = skip_flags(ROOT)
+    unguarded = [i for i, c in enumerate(json.loads((NBS / name).read_text())['cells'])
+                 if c['cell_type'] == 'code' and flags & directives(c).keys() and 'HVAE_SLOW' not in source(c)]
+    assert not unguarded, (f"{name}: the long cells {unguarded} run in a plain Run All: run their body only when "
+                           f"os.environ.get('HVAE_SLOW') == '1', and otherwise show the stored result of the long run")
 
 
 def png_size(data: bytes) -> tuple[int, int]:

@@ -11,8 +11,8 @@ page asks for KaTeX at the CDN address the site uses; the check answers those re
 - every formula rendered: none is a `katex-error`, each math span holds KaTeX's output.
 A failure names the page, and the formula with KaTeX's error message, or the image.
 
-With HVAE_SCREENSHOTS=<folder>, every page is also saved there as `<chapter>.png` (the whole page) and
-`<chapter>_top.png` (the first screen).
+With HVAE_SCREENSHOTS=<folder>, every page is also saved there as `<chapter>.png` (the whole page),
+`<chapter>_top.png` (the first screen) and `<chapter>_figure.png` (the screen that shows its first image).
 
 Needs (installed by .ci/run): Debian's `chromium` (`apt-get install -y chromium`; Playwright's own browser download
 is not used: the browser is launched from its path, HVAE_CHROMIUM or the first of chromium, chromium-browser,
@@ -106,6 +106,9 @@ def page_problems(browser, html: Path, katex_dist: Path, screenshots: Path | Non
             page.evaluate('document.fonts.ready.then(() => true)')
             page.screenshot(path=screenshots / f'{html.stem}_top.png')
             page.screenshot(path=screenshots / f'{html.stem}.png', full_page=True)
+            if found['images']:
+                page.locator('img').first.scroll_into_view_if_needed()
+                page.screenshot(path=screenshots / f'{html.stem}_figure.png')
     finally:
         page.close()
     problems = []

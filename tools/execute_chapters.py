@@ -136,6 +136,7 @@ def main(arguments: list[str] | None = None) -> int:
     chapters = [p.resolve() for p in options.chapters] or chapter_paths()
     if options.stale:
         chapters = [p for p in chapters if recorded_sha256(json.loads(p.read_text())) != code_sha256(json.loads(p.read_text()))]
+        if not chapters: print('no chapter changed since it was executed')
     failed = []
     for path in chapters:
         flags = set() if options.slow else skip_flags()
