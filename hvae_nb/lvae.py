@@ -47,9 +47,9 @@ class LVAEConfig(ModelConfig):
             raise invalid(self, 'hidden_dims', f"the same length as latent_dims {self.latent_dims} "
                                                "(one MLP per latent layer)")
         if self.inference == 'bottom_up' and self.posterior == 'residual':
-            raise invalid(self, 'posterior', "'precision_weighted' when inference='bottom_up': bottom-up "
-                                             "inference draws z_l before its prior is known (the residual "
-                                             "posterior needs inference='ladder')")
+            raise invalid(self, 'posterior', "'precision_weighted' when inference='bottom_up' (the residual "
+                                             "posterior needs inference='ladder': bottom-up inference draws z_l "
+                                             "before its prior is known)")
 
     def build(self) -> 'LadderVAE': return LadderVAE(self)
 
