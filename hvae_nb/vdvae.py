@@ -6,7 +6,7 @@
 __all__ = ['Layer', 'parse_layer_string', 'parse_widths', 'VDVAEConfig', 'vdvae_conv', 'Bottleneck', 'Encoder', 'DecoderBlock',
            'Decoder', 'VDVAEMixture', 'VDVAE']
 
-# %% ../nbs/09_vdvae.ipynb #44c2819f
+# %% ../nbs/09_vdvae.ipynb #6f740f1f
 from dataclasses import dataclass
 import math, re
 from typing import ClassVar
@@ -18,7 +18,7 @@ from .distributions import (DiagonalGaussian, DiscretizedLogisticMixture, make_l
 from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, VAEOutput, elbo_loss, check_number,
                          check_positive_ints, invalid)
 
-# %% ../nbs/09_vdvae.ipynb #99c47d91
+# %% ../nbs/09_vdvae.ipynb #9140eadf
 @dataclass(frozen=True)
 class Layer:
     "One block of a layer string, with the token it came from (for error messages)."
@@ -54,7 +54,7 @@ def parse_widths(text: str) -> dict[int, int]:
         widths[int(match[1])] = int(match[2])
     return widths
 
-# %% ../nbs/09_vdvae.ipynb #7cc47f6a
+# %% ../nbs/09_vdvae.ipynb #dec53b59
 @dataclass(frozen=True)
 class VDVAEConfig(ModelConfig):
     """A Very Deep VAE (Child, 2021). The layer strings list the blocks in the order they run: the encoder's from
@@ -136,7 +136,7 @@ class VDVAEConfig(ModelConfig):
 
     def build(self) -> 'VDVAE': return VDVAE(self)
 
-# %% ../nbs/09_vdvae.ipynb #f424d0a2
+# %% ../nbs/09_vdvae.ipynb #5686e77f
 def vdvae_conv(width_in: int, width_out: int, kernel: int, weight_scale: float = 1.0) -> nn.Conv2d:
     "A 'same' convolution with PyTorch's default weights times `weight_scale` and a zero bias."
     conv = nn.Conv2d(width_in, width_out, kernel, padding=kernel // 2)
@@ -164,7 +164,7 @@ class Bottleneck(nn.Module):
         if self.residual: h = x + h
         return F.avg_pool2d(h, self.pool) if self.pool else h
 
-# %% ../nbs/09_vdvae.ipynb #11b83bc5
+# %% ../nbs/09_vdvae.ipynb #1045ce18
 class Encoder(nn.Module):
     "A 3x3 convolution, then residual blocks down the resolutions; keeps the last activation at each resolution."
     def __init__(self, config: VDVAEConfig):
@@ -189,7 +189,7 @@ class Encoder(nn.Module):
             features[h.shape[-1]] = h
         return features
 
-# %% ../nbs/09_vdvae.ipynb #afd036cc
+# %% ../nbs/09_vdvae.ipynb #ede6403e
 class DecoderBlock(nn.Module):
     "One latent group: its prior and posterior from the state (and the encoder's features), z, the state updated."
     def __init__(self, layer: Layer, width: int, latent_channels: int, bottleneck: float, depth: int):
@@ -246,7 +246,7 @@ class Decoder(nn.Module):
         h = states[self.image_size] * self.output_gain + self.output_bias
         return Walk(groups[::-1], self.output(h).float())
 
-# %% ../nbs/09_vdvae.ipynb #659ec2b4
+# %% ../nbs/09_vdvae.ipynb #a63039d0
 class VDVAEMixture(DiscretizedLogisticMixture):
     """The discretized logistic mixture of chapter 00 read from VDVAE's output layout: the M logits, then per
     channel the M means, the M log-scales (floored at -7) and, for RGB, M coupling coefficients. With `bits` < 8,
@@ -268,7 +268,7 @@ class VDVAEMixture(DiscretizedLogisticMixture):
             x = torch.floor(torch.round(255 * x) / step) * step / 255
         return super().log_prob(params, x)
 
-# %% ../nbs/09_vdvae.ipynb #980a2394
+# %% ../nbs/09_vdvae.ipynb #f5b22152
 class VDVAE(HierarchicalVAE):
     "The Very Deep VAE (Child, 2021): a residual encoder, and one latent group per decoder block."
     def __init__(self, config: VDVAEConfig):
