@@ -49,7 +49,7 @@ def active_units(model, images: Tensor, batch_size: int = 500, threshold: float 
         device = model.device
         posterior, beyond = [], []
         for x in batches(images, batch_size):
-            q_means, p_means = model.posterior_means(x.to(device)), model.prior_means(x.to(device))
+            q_means, p_means = model.latent_means(x.to(device))
             posterior.append(q_means); beyond.append([q - p for q, p in zip(q_means, p_means)])
     variances, variances_beyond = unit_variances(posterior), unit_variances(beyond)
     count = lambda vs: [int((v > threshold).sum()) for v in vs]
@@ -64,9 +64,9 @@ def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: 
     """Two bar charts side by side: mean KL per group (nats), and per group the fraction of active units by Burda's
     statistic and beyond the prior, labelled with the counts."""
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    names = group_names or [str(g) for g in range(len(kl))]
+    names = group_names or [f'$z_{{{g + 1}}}$' for g in range(len(kl))]
     axes[0].bar(names, kl.tolist(), color='tab:blue')
-    axes[0].set_ylabel('KL (nats)'); axes[0].set_xlabel('latent group')
+    axes[0].set_ylabel('KL (nats)'); axes[0].set_xlabel('latent group (bottom → top)')
     positions, width = torch.arange(len(names)).tolist(), 0.4
     for shift, counts, colour, label in ((-width / 2, active.per_group, 'tab:orange', 'Burda'),
                                          (width / 2, active.per_group_beyond_prior, 'tab:green', 'beyond prior')):
@@ -74,7 +74,7 @@ def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: 
         for bar, a in zip(bars, counts):
             axes[1].text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(a), ha='center', va='bottom', fontsize=7)
     axes[1].set_xticks(positions, [f'{n}\n({s})' for n, s in zip(names, active.sizes)])
-    axes[1].set_ylim(0, 1.4); axes[1].set_ylabel('active fraction'); axes[1].set_xlabel('latent group (units)')
+    axes[1].set_ylim(0, 1.4); axes[1].set_ylabel('active fraction'); axes[1].set_xlabel('latent group, bottom → top (units)')
     axes[1].legend(fontsize=7, loc='upper center', ncol=2, frameon=False)
     heading = f'{title}: ' if title else ''
     axes[0].set_title(f'{heading}KL {kl.sum():.1f} nats')

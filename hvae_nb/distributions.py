@@ -27,7 +27,8 @@ class DiagonalGaussian:
     "A Gaussian with independent dimensions, parametrised by `mean` and `log_scale` (same shape)."
     def __init__(self, mean: Tensor, log_scale: Tensor):
         if mean.shape != log_scale.shape:
-            raise ValueError(f"mean shape {tuple(mean.shape)} != log_scale shape {tuple(log_scale.shape)}")
+            raise ValueError(f"mean shape {tuple(mean.shape)} "
+                             f"!= log_scale shape {tuple(log_scale.shape)}")
         self.mean, self.log_scale = mean, log_scale
 
     @property
@@ -39,7 +40,8 @@ class DiagonalGaussian:
 
     def log_prob(self, z: Tensor) -> Tensor:
         "Elementwise log-density of `z`."
-        return -0.5 * LOG_2PI - self.log_scale - 0.5 * ((z - self.mean) * torch.exp(-self.log_scale)) ** 2
+        standardised = (z - self.mean) * torch.exp(-self.log_scale)
+        return -0.5 * LOG_2PI - self.log_scale - 0.5 * standardised ** 2
 
     def kl(self, other: 'DiagonalGaussian') -> Tensor:
         "Elementwise analytic KL(self || other)."
@@ -59,7 +61,9 @@ def soft_clamp(x: Tensor, bound: float = 5.0) -> Tensor:
 # %% ../nbs/00_distributions.ipynb #2b2ac543
 def gaussian_params(t: Tensor) -> tuple[Tensor, Tensor]:
     "Split a network output along dim 1 into a mean and a soft-clamped log-scale."
-    if t.shape[1] % 2: raise ValueError(f"a Gaussian needs an even number of channels (mean, log-scale), got shape {tuple(t.shape)}")
+    if t.shape[1] % 2:
+        raise ValueError("a Gaussian needs an even number of channels (mean, log-scale), "
+                         f"got shape {tuple(t.shape)}")
     mean, log_scale = t.chunk(2, dim=1)
     return mean, soft_clamp(log_scale)
 
@@ -79,7 +83,7 @@ class BernoulliLikelihood:
 
 # %% ../nbs/00_distributions.ipynb #19666bf7
 class DiscretizedLogisticMixture:
-    "p(x|z) for images with `2**bits` levels per channel: a mixture of discretised logistics (PixelCNN++)."
+    "p(x|z) for images with `2**bits` levels per channel: discretised logistics (PixelCNN++)."
     name = 'logistic_mixture'
     def __init__(self, num_mixtures: int = 10, bits: int = 8):
         self.num_mixtures, self.levels = num_mixtures, 2 ** bits - 1
@@ -88,20 +92,23 @@ class DiscretizedLogisticMixture:
         return self.num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
 
     def _split(self, params: Tensor):
-        "(B, P, H, W) -> logits (B,M,H,W), means/log_scales (B,M,C,H,W), coupling coefficients (B,M,K,H,W)."
+        "(B,P,H,W) -> logits (B,M,H,W), means, log-scales (B,M,C,H,W), couplings (B,M,K,H,W)."
         b, p, h, w = params.shape
         m = self.num_mixtures
         per_mixture = p // m
-        channels = int((math.sqrt(9 + 8 * (per_mixture - 1)) - 3) / 2 + 0.5)  # solve 1 + 2C + C(C-1)/2 = per_mixture
+        # solve 1 + 2C + C(C-1)/2 = per_mixture for the channel count C
+        channels = int((math.sqrt(9 + 8 * (per_mixture - 1)) - 3) / 2 + 0.5)
         if self.num_params(channels) != p:
-            raise ValueError(f"logistic mixture: {p} parameter channels do not fit {m} mixtures of any channel count")
+            raise ValueError(f"logistic mixture: {p} parameter channels do not fit "
+                             f"{m} mixtures of any channel count")
         logits, rest = params[:, :m], params[:, m:].reshape(b, m, per_mixture - 1, h, w)
-        means, log_scales = rest[:, :, :channels], soft_clamp(rest[:, :, channels:2 * channels]) - 2.0
+        means = rest[:, :, :channels]
+        log_scales = soft_clamp(rest[:, :, channels:2 * channels]) - 2.0
         coefficients = torch.tanh(rest[:, :, 2 * channels:])
         return logits, means, log_scales, coefficients
 
     def _coupled_means(self, means: Tensor, coefficients: Tensor, x: Tensor) -> Tensor:
-        "Shift the mean of channel c by sum_{j<c} alpha_cj x_j (x in [-1, 1], shape (B,1,C,H,W))."
+        "Shift the mean of channel c by sum_{j<c} alpha_cj x_j (x: levels in [-1, 1], (B,1,C,H,W))."
         shifted, k = [means[:, :, 0]], 0
         for c in range(1, means.shape[2]):
             shift = sum(coefficients[:, :, k + j] * x[:, :, j] for j in range(c))
@@ -116,28 +123,37 @@ class DiscretizedLogisticMixture:
         centred = x - self._coupled_means(means, coefficients, x)
         inv_scale, half_bin = torch.exp(-log_scales), 1.0 / self.levels
         upper, lower = inv_scale * (centred + half_bin), inv_scale * (centred - half_bin)
-        log_cdf_upper = upper - F.softplus(upper)                      # log sigmoid(upper): the x = -1 edge bin
-        log_survival_lower = -F.softplus(lower)                        # log(1 - sigmoid(lower)): the x = +1 edge bin
+        log_cdf_upper = upper - F.softplus(upper)          # log sigmoid(upper): the x = -1 edge bin
+        log_survival_lower = -F.softplus(lower)            # log(1 - sigmoid(lower)): the x = +1 bin
         bin_mass = torch.sigmoid(upper) - torch.sigmoid(lower)
         centre = inv_scale * centred
         log_density_centre = centre - log_scales - 2 * F.softplus(centre) + math.log(2 * half_bin)
-        log_mid = torch.where(bin_mass > 1e-5, torch.log(bin_mass.clamp_min(1e-12)), log_density_centre)
-        log_bin = torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_mid))
+        log_mid = torch.where(bin_mass > 1e-5, torch.log(bin_mass.clamp_min(1e-12)),
+                              log_density_centre)
+        log_bin = torch.where(x < -0.999, log_cdf_upper,
+                              torch.where(x > 0.999, log_survival_lower, log_mid))
         per_pixel = torch.logsumexp(log_bin.sum(2) + F.log_softmax(logits, 1), dim=1)   # (B,H,W)
         return sum_except_batch(per_pixel)
 
+    def _snap(self, value: Tensor) -> Tensor:
+        "The level nearest to `value` (on [-1, 1]); the tails beyond +-1 fall into the edge bins."
+        # the same arithmetic as log_prob's 2 * (k / levels) - 1, so a level compares equal there
+        return 2 * (torch.round((value.clamp(-1, 1) + 1) / 2 * self.levels) / self.levels) - 1
+
     def sample(self, params: Tensor) -> Tensor:
-        "Draw images in [0, 1] quantised to the likelihood's levels."
+        "Draw images in [0, 1] on the likelihood's levels, from the distribution log_prob scores."
         logits, means, log_scales, coefficients = self._split(params)
-        component = torch.distributions.Categorical(logits=logits.movedim(1, -1)).sample()    # (B,H,W)
-        pick = lambda t: torch.gather(t, 1, component[:, None, None].expand(-1, 1, *t.shape[2:]).contiguous()).squeeze(1)
+        component = torch.distributions.Categorical(logits=logits.movedim(1, -1)).sample()
+        index = component[:, None, None]                                       # (B,1,1,H,W)
+        pick = lambda t: t.gather(1, index.expand(-1, 1, *t.shape[2:]).contiguous()).squeeze(1)
         mean, log_scale, alpha = pick(means), pick(log_scales), pick(coefficients)
         u = torch.rand_like(mean).clamp(1e-5, 1 - 1e-5)
-        raw = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))     # logistic noise
+        noise = torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))         # logistic
         channels, k = [], 0
         for c in range(mean.shape[1]):
-            value = raw[:, c] + sum(alpha[:, k + j] * channels[j] for j in range(c))
-            channels.append(value.clamp(-1, 1))
+            # log_prob shifts channel c by the earlier channels' levels, so the sampler must too
+            shift = sum(alpha[:, k + j] * channels[j] for j in range(c))
+            channels.append(self._snap(mean[:, c] + shift + noise[:, c]))
             k += c
         x = (torch.stack(channels, 1) + 1) / 2
         return torch.round(x * self.levels) / self.levels

@@ -2,151 +2,33 @@
 
 The site is rendered by Quarto (`nbdev_docs`, run by .github/workflows/deploy.yaml), which cannot be installed here.
 This test runs everything up to Quarto's rendering and replaces that last step by pandoc, the converter Quarto is
-built on, reading the same notebooks with the same markdown extensions (math between dollars in particular):
+built on, reading the same notebooks with the same markdown extensions (math between dollars in particular). The
+processing (nbdev_proc_nbs on a copy of the repository) and the rendering (pandoc, as Quarto reads a notebook) are
+in tests/docs_site.py, shared with tests/test_site_browser.py, which loads the same pages in a browser.
 
-1. `nbdev_proc_nbs` on a copy of the repository (the working tree is not touched). It runs nbdev's notebook
-   processors -- front matter from each chapter's title cell, a `show_doc` cell after every exported function and
-   class, hidden cells removed -- and executes what the docs need: exported cells, `show_doc` cells and every cell
-   that contains an import. A chapter that mixes an import with code that depends on other cells fails here, as it
-   would fail the deploy workflow. `nbdev_proc_nbs` looks for Quarto and would try to install it; a stub `quarto`
-   that fails when run stands in for it (nbdev_proc_nbs only looks it up).
-2. pandoc `-f ipynb -t html5 --standalone --mathjax` on every processed chapter, after three small steps that make
-   pandoc read the notebook as Quarto does: the front-matter cell becomes the document's metadata, the markdown
-   output of `#| output: asis` cells (the `show_doc` cells) becomes markdown, and the code of `#| echo: false` cells
-   is dropped. (Ubuntu's pandoc 2.x also rejects `execute_result` outputs without an execution count, which nbdev
-   writes; they become `display_data`, which renders the same.)
-3. Checks on every page, fast and without running the chapters:
-   - the page title is the chapter's `# Title`;
-   - every `$...$` and `$$...$$` of the markdown (outside code) is a math span in the HTML, counted inline and
-     displayed separately -- a stray dollar, an unclosed delimiter or markdown eating a `_` changes a count;
-   - every function and class the chapter exports has its `show_doc` heading;
-   - every image output of the processed notebook is an `<img>` whose file pandoc extracted. The chapters are
-     committed without outputs (executing all of them takes minutes, too slow for this test), so on most pages
-     this count is zero; the image outputs nbdev's processing produces are checked, and a small notebook with a
-     matplotlib figure checks that the conversion and the counting themselves work.
-4. The site configuration: nbs/_quarto.yml (what nbdev reads) is a symlink to the top-level _quarto.yml, math is
-   rendered with KaTeX or MathJax, the home page exists, and the sidebar lists it and then every chapter in
-   reading order -- the order of the chapters' numbers -- each exactly once.
+Checks on every page, fast and without running the chapters (their stored outputs are what the pages show):
+- the page title is the chapter's `# Title`;
+- every `$...$` and `$$...$$` of the markdown (outside code) is a math span in the HTML, counted inline and
+  displayed separately -- a stray dollar, an unclosed delimiter or markdown eating a `_` changes a count;
+- every function and class the chapter exports has its `show_doc` heading;
+- every image output of the processed notebook, and every image its markdown links (`![...](images/...)`), is an
+  `<img>` whose file pandoc extracted; a small notebook with a matplotlib figure checks that the conversion and the
+  counting themselves work.
+The site configuration is checked too: nbs/_quarto.yml (what nbdev reads) is a symlink to the top-level
+_quarto.yml, math is rendered with KaTeX or MathJax, the home page exists, and the sidebar lists it and then every
+chapter in reading order -- the order of the chapters' numbers -- each exactly once.
 
 pandoc is a system package (Debian/Ubuntu: `apt-get install -y pandoc`); without it the test fails and says so.
 """
-import ast, base64, io, json, os, re, shutil, subprocess, sys
+import ast, base64, io, json, re
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-NBS = ROOT / 'nbs'
+from docs_site import NBS, ROOT, chapter_paths, directives, render
+
 IMAGE_TYPES = ('image/png', 'image/jpeg', 'image/svg+xml')
-
-
-def chapter_paths() -> list[Path]:
-    "The notebooks of the site: nbs/*.ipynb except those nbdev skips (names starting with '_' or '.')."
-    return sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith(('_', '.')))
-
-
-@pytest.fixture(scope='module')
-def pandoc() -> str:
-    path = shutil.which('pandoc')
-    if path is None:
-        pytest.fail("pandoc is not installed: the docs check converts every chapter with it (apt-get install -y pandoc)")
-    return path
-
-
-# ---- 1. nbdev's processing, on a copy -------------------------------------------------------------------------------
-
-def copy_repository(destination: Path) -> Path:
-    skip = shutil.ignore_patterns('__pycache__', '.ipynb_checkpoints', 'runs', 'data', '_proc', '_docs')
-    destination.mkdir(parents=True)
-    for name in ('settings.ini', '_quarto.yml'): shutil.copy2(ROOT / name, destination / name)
-    shutil.copytree(NBS, destination / 'nbs', symlinks=True, ignore=skip)
-    shutil.copytree(ROOT / 'hvae_nb', destination / 'hvae_nb', ignore=skip)
-    return destination
-
-
-def quarto_stub(folder: Path) -> Path:
-    folder.mkdir()
-    stub = folder / 'quarto'
-    stub.write_text('#!/bin/sh\necho "quarto is not installed here; tests/test_docs.py only processes notebooks" >&2\nexit 1\n')
-    stub.chmod(0o755)
-    return folder
-
-
-def processing_failure(stderr: str) -> str:
-    "The part of nbdev's output that says what failed, without its many warnings."
-    lines = [l for l in stderr.splitlines() if 'UserWarning' not in l and not l.startswith('  warn(')]
-    start = max((i for i, l in enumerate(lines) if l.startswith('Exception: Error in notebook')), default=max(0, len(lines) - 40))
-    causes = [l for l in lines[:start] if re.match(r'[\w.]+(Error|Exception): ', l) and 'Error in notebook' not in l]
-    hint = ("\n(nbdev executes every cell that contains an import while building the docs: keep imports in cells of "
-            "their own, see nbdev's FAQ on 'cells containing imports and other code')")
-    return '\n'.join(lines[start:start + 40] + causes[-1:]) + hint
-
-
-@pytest.fixture(scope='module')
-def processed(tmp_path_factory) -> Path:
-    "A copy of the repository in which nbdev_proc_nbs wrote the notebooks processed for Quarto to `_proc/`."
-    base = tmp_path_factory.mktemp('docs')
-    copy = copy_repository(base / 'repo')
-    environment = {**os.environ, 'PATH': f"{quarto_stub(base / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}",
-                   'PYTHONPATH': str(copy), 'MPLBACKEND': 'Agg'}
-    done = subprocess.run([sys.executable, '-c', 'from nbdev.quarto import nbdev_proc_nbs; nbdev_proc_nbs()'],
-                          cwd=copy, env=environment, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, f"nbdev_proc_nbs failed:\n{processing_failure(done.stderr)}"
-    return copy
-
-
-# ---- 2. the notebook as Quarto reads it, converted by pandoc ------------------------------------------------------
-
-def directives(cell: dict) -> dict:
-    "The `#| key: value` lines at the top of a cell, as {key: value}."
-    found = {}
-    for line in ''.join(cell.get('source', '')).splitlines():
-        if not line.startswith('#|'): break
-        key, _, value = line[2:].strip().partition(':')
-        parts = key.split()
-        if parts: found[parts[0]] = value.strip() if value else ' '.join(parts[1:])
-    return found
-
-
-def front_matter(notebook: dict) -> dict:
-    "The YAML of the first cell, when it is a raw front-matter cell (nbdev writes one from the `# Title` cell)."
-    first = notebook['cells'][0] if notebook['cells'] else {}
-    text = ''.join(first.get('source', ''))
-    if first.get('cell_type') != 'raw' or not text.startswith('---'): return {}
-    return yaml.safe_load(text.strip().strip('-')) or {}
-
-
-def as_quarto_reads_it(notebook: dict) -> dict:
-    "Front matter out of the cells, asis markdown outputs as markdown cells, echo: false code dropped."
-    cells = notebook['cells'][1:] if front_matter(notebook) else notebook['cells']
-    result = []
-    for cell in cells:
-        if cell['cell_type'] != 'code': result.append(cell); continue
-        options = directives(cell)
-        markdown = [o for o in cell.get('outputs', []) if 'text/markdown' in o.get('data', {})]
-        asis = options.get('output') == 'asis'
-        outputs = [o for o in cell.get('outputs', []) if not (asis and o in markdown)]
-        for output in outputs:
-            if output.get('output_type') == 'execute_result' and output.get('execution_count') is None:
-                output['output_type'] = 'display_data'; output.pop('execution_count', None)
-        if options.get('echo') != 'false' or outputs: result.append({**cell, 'outputs': outputs})
-        if asis: result += [dict(cell_type='markdown', metadata={}, source=o['data']['text/markdown']) for o in markdown]
-    return {**notebook, 'cells': result}
-
-
-def render(notebook_path: Path, folder: Path, pandoc: str) -> tuple[str, dict]:
-    "Standalone HTML of a processed notebook, its images extracted into `folder`; also the notebook as converted."
-    notebook = json.loads(notebook_path.read_text())
-    converted = as_quarto_reads_it(notebook)
-    source, metadata = folder / notebook_path.name, folder / f'{notebook_path.stem}.yaml'
-    source.write_text(json.dumps(converted))
-    metadata.write_text(yaml.safe_dump({k: v for k, v in front_matter(notebook).items() if isinstance(v, str)}))
-    done = subprocess.run([pandoc, '-f', 'ipynb', '-t', 'html5', '--standalone', '--mathjax', f'--metadata-file={metadata}',
-                           f'--extract-media={folder / (notebook_path.stem + "_media")}', str(source)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"pandoc could not convert {notebook_path.name}: {done.stderr}"
-    return done.stdout, converted
 
 
 # ---- 3. what a page must show ----------------------------------------------------------------------------------------
@@ -193,6 +75,15 @@ def image_outputs(notebook: dict) -> int:
     return sum(any(t in o.get('data', {}) for t in IMAGE_TYPES) for c in notebook['cells'] for o in c.get('outputs', []))
 
 
+MARKDOWN_IMAGE = re.compile(r'!\[[^\]]*\]\([^)]+\)|<img\b')
+
+
+def markdown_images(notebook: dict) -> int:
+    "Images the markdown shows (`![alt](images/...)` or <img>), code excluded: the results of long runs, for instance."
+    return sum(len(MARKDOWN_IMAGE.findall(CODE_SPAN.sub('', FENCED_CODE.sub('', ''.join(c['source'])))))
+               for c in notebook['cells'] if c['cell_type'] == 'markdown')
+
+
 def extracted_images(html: str) -> list[Path]:
     return [Path(src) for src in re.findall(r'<img\s[^>]*?src="([^"]+)"', html, re.S)]
 
@@ -236,7 +127,10 @@ def test_conversion_shows_math_and_figures(tmp_path, pandoc):
     plt.figure(figsize=(1, 1)); plt.plot([0, 1]); plt.savefig(buffer, format='png'); plt.close()
     picture = base64.b64encode(buffer.getvalue()).decode()
     front = dict(cell_type='raw', metadata={}, source='---\ntitle: A small chapter\n---\n')
-    prose = dict(cell_type='markdown', metadata={}, source='Costs $5 or $x_1 + y$, with `$not math$` and\n$$\\sum_i x_i$$\nand $\\alpha$.')
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'images' / 'long_run.png').write_bytes(buffer.getvalue())
+    prose = dict(cell_type='markdown', metadata={}, source='Costs $5 or $x_1 + y$, with `$not math$` and\n$$\\sum_i x_i$$\nand $\\alpha$.'
+                 '\n\n![a long run](images/long_run.png) and `![not an image](x.png)`')
     doc = dict(cell_type='code', execution_count=0, metadata={}, source='#| echo: false\n#| output: asis\nshow_doc(f)',
                outputs=[dict(output_type='execute_result', execution_count=None, metadata={},
                              data={'text/markdown': '### f\n\n*Returns $f(x)$.*', 'text/plain': 'f'})])
@@ -250,13 +144,17 @@ def test_conversion_shows_math_and_figures(tmp_path, pandoc):
     assert markdown_math(converted) == html_math(html) == (3, 1)
     assert re.search(r'<h3[^>]*>\s*f\s*</h3>', html) and 'show_doc(f)' not in html
     images = extracted_images(html)
-    assert image_outputs(converted) == len(images) == 1 and images[0].is_file() and images[0].stat().st_size > 100
+    assert image_outputs(converted) == 1 and markdown_images(converted) == 1 and len(images) == 2
+    assert all(p.is_file() and p.stat().st_size > 100 for p in images)
+    with pytest.raises(AssertionError, match='missing.png'):
+        path.write_text(json.dumps({**notebook, 'cells': [dict(cell_type='markdown', metadata={}, source='![](images/missing.png)')]}))
+        render(path, tmp_path, pandoc)
 
 
 @pytest.mark.parametrize('name', [p.name for p in chapter_paths()])
-def test_chapter_page(name, processed, pandoc, tmp_path):
+def test_chapter_page(name, processed, site):
     "One page: title, math, API docs and figures, checked against the chapter it came from (in the same copy)."
-    html, converted = render(processed / '_proc' / name, tmp_path, pandoc)
+    _, html, converted = site.page(name)
     source = processed / 'nbs' / name
     title = chapter_title(source)
     assert re.search(rf'<title>\s*{re.escape(title)}\s*</title>', html), f"{name}: the page title is not {title!r}"
@@ -266,5 +164,7 @@ def test_chapter_page(name, processed, pandoc, tmp_path):
     undocumented = [n for n in exported_names(source) if n not in headings]
     assert not undocumented, f"{name}: no show_doc section for {undocumented}"
     images = extracted_images(html)
-    assert len(images) == image_outputs(converted), f"{name}: {image_outputs(converted)} image outputs, {len(images)} <img> in the HTML"
+    expected = image_outputs(converted) + markdown_images(converted)
+    assert len(images) == expected, (f"{name}: {image_outputs(converted)} image outputs and {markdown_images(converted)} "
+                                     f"images in the markdown, {len(images)} <img> in the HTML")
     assert all(p.is_file() and p.stat().st_size > 0 for p in images), f"{name}: an image file was not extracted"

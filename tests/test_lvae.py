@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvae_nb.distributions import DiagonalGaussian, gaussian_kl  # noqa: E402
 from hvae_nb.diagnostics import active_units, kl_per_group  # noqa: E402
-from hvae_nb.lvae import LVAEConfig, kl_warmup, precision_weighted  # noqa: E402
+from hvae_nb.lvae import LVAEConfig, precision_weighted  # noqa: E402
+from hvae_nb.vae import kl_warmup  # noqa: E402
 from hvae_nb.presets import MODEL_FAMILIES, get_preset  # noqa: E402
 from hvae_nb.residual_normal import residual_normal_kl, residual_posterior  # noqa: E402
 

@@ -134,11 +134,11 @@ def test_non_finite_gradients_are_skipped_and_counted():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = next(model.parameters())
     hook = first.register_hook(lambda grad: grad * float('nan'))
-    record = train_step(model, optimizer, data.train, data, 0, 1.0, preset.train, accelerator)
+    record = train_step(model, optimizer, data.train, data.dynamic_binarization, 0, 1.0, preset.train, accelerator)
     assert record['skipped_update'] and not math.isfinite(record['grad_norm'])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # weights unchanged
     hook.remove()
-    record = train_step(model, optimizer, data.train, data, 1, 1.0, preset.train, accelerator)
+    record = train_step(model, optimizer, data.train, data.dynamic_binarization, 1, 1.0, preset.train, accelerator)
     assert not record['skipped_update']
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -230,6 +230,6 @@ def test_tensorboard_tracker_writes_event_files(tmp_path):
     assert list((tmp_path / 'run').rglob('events.out.tfevents.*'))
 
 def test_from_pretrained_loads_the_final_weights(finished_run):
-    from hvae_nb.presets import from_pretrained
+    from hvae_nb.runs import from_pretrained
     model = from_pretrained(finished_run)
     assert model.sample(4).shape == (4, 1, 8, 8)
