@@ -6,7 +6,7 @@
 __all__ = ['channel_order_mask', 'channel_raster_mask', 'MaskedConv2d', 'AutoregressiveFlow', 'IAFStep', 'NVAEFlowCell',
            'FlowPair', 'flow_posterior_sample', 'flow_log_prob']
 
-# %% ../nbs/07_iaf.ipynb #25200f5b
+# %% ../nbs/07_iaf.ipynb #815cfade
 import math
 from typing import Sequence
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .distributions import DiagonalGaussian, sum_except_batch
 
-# %% ../nbs/07_iaf.ipynb #1e3f0115
+# %% ../nbs/07_iaf.ipynb #2c0ddefb
 def channel_order_mask(in_channels: int, out_channels: int, include_centre: bool) -> Tensor:
     """(out, in) 0/1 mask of the centre tap: the input channels an output channel may read at its
     own pixel. The wider side's channels come in equal blocks, one per channel of the narrower
@@ -45,7 +45,7 @@ def channel_raster_mask(in_channels: int, out_channels: int, kernel_size: int, i
     mask[:, :, centre, centre] = centre_tap
     return mask.flip(2, 3) if reverse else mask
 
-# %% ../nbs/07_iaf.ipynb #fcda452e
+# %% ../nbs/07_iaf.ipynb #523bbc64
 class MaskedConv2d(nn.Conv2d):
     """A weight-normalised convolution with an autoregressive kernel mask (`channel_raster_mask`)
     and "same" padding: the kernel is exp(log_gain) * v / |v| per output channel, with
@@ -71,7 +71,7 @@ class MaskedConv2d(nn.Conv2d):
         return F.conv2d(x, self.masked_weight(), self.bias, padding=self.padding,
                         groups=self.groups)
 
-# %% ../nbs/07_iaf.ipynb #5c19a3bd
+# %% ../nbs/07_iaf.ipynb #cf7d353d
 class AutoregressiveFlow(nn.Module):
     """z -> a * z + b elementwise, with a_i and b_i functions of the dimensions before i only
     (raster order of pixels, channels within a pixel; reversed if `reverse`). A subclass gives
@@ -96,7 +96,7 @@ class AutoregressiveFlow(nn.Module):
             z = (y - shift) * torch.exp(-log_scale)
         return z
 
-# %% ../nbs/07_iaf.ipynb #a6a54a02
+# %% ../nbs/07_iaf.ipynb #9910d570
 class IAFStep(AutoregressiveFlow):
     """One IAF step (Kingma et al., 2016): (m, s) from a masked network of z and a context h,
     sigma = sigmoid(s), z <- sigma * z + (1 - sigma) * m, log-det = sum log sigma. The network:
@@ -130,7 +130,7 @@ class IAFStep(AutoregressiveFlow):
         # a = sigma, b = (1 - sigma) m, with 1 - sigmoid(s) = sigmoid(-s), log sigma = logsigmoid(s)
         return F.logsigmoid(gate_logit), torch.sigmoid(-gate_logit) * mean
 
-# %% ../nbs/07_iaf.ipynb #23b14723
+# %% ../nbs/07_iaf.ipynb #edfd6435
 class NVAEFlowCell(AutoregressiveFlow):
     """NVAE's flow cell: z <- z - mu(z), volume preserving and unconditioned; mu = masked 1x1 conv
     of ELU(ELU(masked depthwise 5x5 conv of ELU(masked 3x3 conv of z, centre excluded))), with
@@ -174,7 +174,7 @@ class FlowPair(nn.Module):
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return self.first.inverse(self.second.inverse(y, context), context)
 
-# %% ../nbs/07_iaf.ipynb #96facfc3
+# %% ../nbs/07_iaf.ipynb #471948cb
 def flow_posterior_sample(posterior: DiagonalGaussian, flows: Sequence[nn.Module],
                           context: Tensor | None = None, use_mean: bool = False):
     """z from `posterior` (its mean if `use_mean`) pushed through `flows`, and log q(z) per example
