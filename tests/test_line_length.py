@@ -17,20 +17,13 @@ NBS = Path(__file__).resolve().parents[1] / 'nbs'
 LIMIT = 100
 
 # Chapters whose code still has lines over LIMIT (issue 10, "code lines in the chapters fit the
-# page"). The lead empties this set as each chapter is rewrapped: remove a name once its chapter
-# is clean (the test below insists). Chapters not on this branch yet may be listed; their check is
-# skipped until they land.
+# page"). Remove a name once its chapter is clean (the test below insists).
 PENDING = {
     '01_data',
     '02_vae',
     '10_presets',
     '11_train',
     '13_bench',
-    # chapters on branches not merged yet (see wip/README.md)
-    '08_nvae',
-    '09_vdvae',
-    '09a_autoregressive',
-    '14_convert',
 }
 
 
@@ -61,7 +54,7 @@ def test_code_lines_fit_the_page(path):
 @pytest.mark.parametrize('name', sorted(PENDING))
 def test_pending_chapters_are_not_yet_clean(name):
     path = NBS / f'{name}.ipynb'
-    if not path.exists(): pytest.skip(f'{path.name} is not on this branch yet')
+    assert path.exists(), f"PENDING in tests/test_line_length.py names {path.name}, which does not exist"
     assert long_lines(path), (f"{path.name} is listed in PENDING in tests/test_line_length.py, "
                               f"but all its code lines fit in {LIMIT} characters: remove it from "
                               "PENDING")
