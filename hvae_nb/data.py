@@ -114,8 +114,8 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, md5: st
 # %% ../nbs/01_data.ipynb #fec7adba
 def _missing_file_error(path: Path, how_to_fetch: str, alternative: str = "") -> DataError:
     return DataError(f"{path} not found. Put {path.name}{alternative} in {path.parent} (the data directory comes from "
-                     f"the data_dir argument, ${DATA_DIR_ENV}, or {DEFAULT_DATA_DIR}), "
-                     f"or pass download=True to fetch it from {how_to_fetch}.")
+                     f"--data-dir on the command line or data_dir= in Python, else ${DATA_DIR_ENV}, else "
+                     f"{DEFAULT_DATA_DIR}), or fetch it from {how_to_fetch} with --download (download=True in Python).")
 
 def ensure_file(data_dir: Path, relative: str, download: bool) -> Path:
     "Path of the official file `relative` under `data_dir`, downloading it first if asked to."
@@ -126,7 +126,7 @@ def ensure_file(data_dir: Path, relative: str, download: bool) -> Path:
     for url in remote.urls:
         try: return download_file(url, path, sha256=remote.sha256, md5=remote.md5)
         except DataError as error: failures.append(str(error))
-    raise DataError(f"every source for {path.name} failed:\n" + "\n".join(failures))
+    raise DataError(f"every source for {path.name} failed: " + "; ".join(failures))
 
 # %% ../nbs/01_data.ipynb #a71faab5
 IDX_DIMENSIONS = {2051: 3, 2049: 1}  # magic number -> dimensions: images (count, rows, columns), labels (count,)

@@ -259,7 +259,7 @@ def prepare_run(preset: Preset, out, resume) -> RunPlan:
 def make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerator:
     "The Accelerator, with its own complaints about the options turned into a one-line ConfigError."
     if mixed_precision not in ('no', 'fp16', 'bf16'):
-        raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {mixed_precision!r}")
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
     try: return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=str(run_dir))
     except (ValueError, ImportError, RuntimeError) as e: raise ConfigError(f"accelerate refused the options: {e}") from None
 

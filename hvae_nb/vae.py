@@ -93,16 +93,16 @@ class ConfigError(ValueError):
     "A configuration field, preset name or override with a value it cannot take."
 
 def invalid(config, name: str, allowed: str) -> ConfigError:
-    "The one-line error for field `name` of `config`: the field, its value and what is allowed."
-    value = getattr(config, name)
-    return ConfigError(f"{type(config).__name__}.{name} = {value!r} is not allowed: {allowed}")
+    "The one-line error for field `name` of `config`: the field, what is allowed and the value given."
+    return ConfigError(f"{type(config).__name__}.{name} must be {allowed}, got {getattr(config, name)!r}")
 
 def is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
 def check_positive_ints(config, *names: str, minimum: int = 1):
     for name in names:
         value = getattr(config, name)
-        if not is_int(value) or value < minimum: raise invalid(config, name, f"an integer >= {minimum}")
+        if not is_int(value) or value < minimum:
+            raise invalid(config, name, 'positive (an integer)' if minimum == 1 else f"an integer >= {minimum}")
 
 def check_sizes(config, *names: str, length: int | None = None, minimum: int = 1):
     "Non-empty tuples of integers >= `minimum` (and of the same `length` when given)."
@@ -244,7 +244,7 @@ class VAEConfig(ModelConfig):
         check_sizes(self, 'hidden_dims')
         check_choice(self, 'network', ('mlp', 'conv'))
         if self.network == 'conv' and (self.image_shape[1] % 4 or self.image_shape[2] % 4):
-            raise invalid(self, 'image_shape', "network='conv' needs a height and width divisible by 4")
+            raise invalid(self, 'image_shape', "a height and width divisible by 4 for network='conv'")
 
     def build(self) -> 'VAE': return VAE(self)
 
