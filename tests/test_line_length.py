@@ -23,7 +23,6 @@ PENDING = {
     '02_vae',
     '10_presets',
     '11_train',
-    '13_bench',
 }
 
 
