@@ -21,7 +21,6 @@ LIMIT = 100
 PENDING = {
     '02_vae',
     '10_presets',
-    '11_train',
 }
 
 
