@@ -15,6 +15,7 @@ from .data import DATASETS, DataError, ImageData, load_data
 from .vae import (ConfigError, ModelConfig, VAEConfig, check_choice, check_number, check_positive_ints,
                          invalid)
 from .lvae import LVAEConfig
+from .nvae import NVAEConfig
 
 # %% ../nbs/10_presets.ipynb #6bf96363
 OPTIMIZERS = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
@@ -27,9 +28,12 @@ class TrainConfig:
     max_steps: int = 2000
     optimizer: str = 'adamw'          # a key of OPTIMIZERS
     weight_decay: float = 0.0
+    optimizer_eps: float = 1e-8       # the optimiser's epsilon (PyTorch's default; NVAE's Adamax: 1e-3)
     lr_warmup_steps: int = 0          # linear warm-up, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     kl_warmup_steps: int = 0          # beta rises linearly from 0 to 1 (Sonderby et al., 2016)
+    kl_warmup_floor: float = 0.0      # beta never below this (NVAE: 1e-4)
+    kl_warmup_hold_steps: int = 0     # steps at the floor before beta rises (NVAE: 1e-4 of training)
     free_bits: float = 0.0            # nats per latent group (Kingma et al., 2016)
     grad_clip: float = 200.0          # max global gradient norm; 0 = no clipping
     skip_threshold: float = 0.0       # skip updates whose gradient norm exceeds this (VDVAE); 0 = never
@@ -48,12 +52,15 @@ class TrainConfig:
     def __post_init__(self):
         check_positive_ints(self, 'batch_size', 'max_steps', 'grad_accum', 'eval_every', 'eval_examples',
                             'eval_samples', 'final_eval_samples', 'save_every', 'keep_checkpoints', 'log_every')
-        check_positive_ints(self, 'lr_warmup_steps', 'kl_warmup_steps', 'seed', minimum=0)
+        check_positive_ints(self, 'lr_warmup_steps', 'kl_warmup_steps', 'kl_warmup_hold_steps', 'seed',
+                            minimum=0)
         check_number(self, 'lr', 0, 10, open_low=True)
         check_choice(self, 'optimizer', tuple(OPTIMIZERS))
         for name in ('weight_decay', 'free_bits', 'grad_clip', 'skip_threshold', 'max_minutes'):
             check_number(self, name, 0)
         check_number(self, 'min_lr_ratio', 0, 1)
+        check_number(self, 'optimizer_eps', 0, 1, open_low=True)
+        check_number(self, 'kl_warmup_floor', 0, 1)
         check_number(self, 'ema_decay', 0, 0.999999)
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ class Preset:
         if not isinstance(self.model, ModelConfig): raise invalid(self, 'model', 'a ModelConfig of some family')
 
 # %% ../nbs/10_presets.ipynb #f6edcd2d
-MODEL_FAMILIES: dict[str, type] = {config.family: config for config in (VAEConfig, LVAEConfig)}
+MODEL_FAMILIES: dict[str, type] = {config.family: config for config in (VAEConfig, LVAEConfig, NVAEConfig)}
 
 def register_family(config_class: type) -> type:
     "Make a model configuration class defined outside the package known, so its run directories load back."

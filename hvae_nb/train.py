@@ -58,7 +58,8 @@ def seed_micro_batch(seed: int, step: int, micro: int):
 # %% ../nbs/11_train.ipynb #122056e5
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     "The optimiser named by the recipe (the table `OPTIMIZERS` lives with `TrainConfig`)."
-    return OPTIMIZERS[train.optimizer](model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    return OPTIMIZERS[train.optimizer](model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                       eps=train.optimizer_eps)
 
 def make_scheduler(optimizer, train: TrainConfig):
     "Linear warm-up over `lr_warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."
@@ -324,7 +325,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     with StopRequest() as stop:
         for step in range(start, t.max_steps):
             began = time.perf_counter()
-            beta = kl_warmup(step, t.kl_warmup_steps)
+            beta = kl_warmup(step, t.kl_warmup_steps, t.kl_warmup_floor, t.kl_warmup_hold_steps)
             record = train_step(model, optimizer, data.train, data.dynamic_binarization, step, beta, t, accelerator)
             scheduler.step()
             skips.record(record['skipped_update'], step + 1)
