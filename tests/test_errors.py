@@ -173,3 +173,18 @@ def test_help_shows_the_readme_spelling_and_a_valid_example(capsys):
     from hvae_nb.presets import get_preset
     example = text.split('e.g. --override', 1)[1].split('(repeatable)')[0].split()
     apply_overrides(get_preset(train_module.DEFAULT_PRESET), dict(item.split('=') for item in example))
+
+
+def test_a_run_directory_of_an_older_version_says_so(tmp_path):
+    "Run format 1 (before the bottom_up/top_down interface) named the ladder's blocks differently."
+    from safetensors.torch import save_file
+    from hvae_nb.configs import preset_to_dict
+    from hvae_nb.presets import get_preset
+    from hvae_nb.runs import RunError, from_pretrained
+    preset = get_preset('lvae_digits')
+    old_names = {k.replace('bottom_up_blocks.', 'bottom_up.').replace('top_down_blocks.', 'top_down.'): v
+                 for k, v in preset.model.build().state_dict().items()}
+    (tmp_path / 'config.json').write_text(json.dumps(dict(preset=preset_to_dict(preset), launch={})))
+    save_file(old_names, tmp_path / 'model.safetensors')
+    with pytest.raises(RunError, match='older version of hvae_nb'):
+        from_pretrained(tmp_path)
