@@ -7,9 +7,10 @@ __all__ = ['SOFT_CLAMP_BOUND', 'SCALE_FLOOR', 'groups_per_scale', 'nvae_normal',
            'DecoderCombiner', 'NVAELogisticMixture', 'NVAEConfig', 'kl_balance_sizes', 'kl_balance_weights',
            'convolution_kernels', 'NVAE', 'official_nvae_state']
 
-# %% ../nbs/08_nvae.ipynb #88d586e3
+# %% ../nbs/08_nvae.ipynb #14507183
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 import torch
 import torch.nn.functional as F
@@ -169,7 +170,10 @@ def convolution_kernels(model: nn.Module) -> list[nn.Module]:
     """The layers NVAE's spectral regularisation reads (chapter 06): every convolution —
     weight-normalised or plain, the flow cells' masked ones — through the kernel it applies; no
     linear layer (SE's)."""
-    return regularised_layers(model, kinds=(nn.Conv2d,))
+    layers = regularised_layers(model, kinds=(nn.Conv2d,))
+    # a flow cell's convolution applies its masked, normalised kernel (chapter 07): read that one
+    return [SimpleNamespace(effective_weight=layer.masked_weight) if hasattr(layer, 'masked_weight')
+            else layer for layer in layers]
 
 # %% ../nbs/08_nvae.ipynb #a7863503
 class NVAE(HierarchicalVAE):

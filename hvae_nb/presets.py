@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'MODEL_FAMILIES', 'STEPS_PER_MNIST_EPOCH', 'PRESETS', 'TrainConfig', 'Preset', 'register_family',
-           'get_preset', 'load_preset_data']
+           'nvae_recipe', 'get_preset', 'load_preset_data']
 
 # %% ../nbs/10_presets.ipynb #50654f74
 from dataclasses import dataclass
@@ -28,12 +28,12 @@ class TrainConfig:
     max_steps: int = 2000
     optimizer: str = 'adamw'          # a key of OPTIMIZERS
     weight_decay: float = 0.0
-    optimizer_eps: float = 1e-8       # the optimiser's epsilon (PyTorch's default; NVAE's Adamax: 1e-3)
+    optimizer_eps: float = 1e-8       # the optimiser's epsilon (NVAE's Adamax: 1e-3)
     lr_warmup_steps: int = 0          # linear warm-up, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     kl_warmup_steps: int = 0          # beta rises linearly from 0 to 1 (Sonderby et al., 2016)
     kl_warmup_floor: float = 0.0      # beta never below this (NVAE: 1e-4)
-    kl_warmup_hold_steps: int = 0     # steps at the floor before beta rises (NVAE: 1e-4 of training)
+    kl_warmup_hold_steps: int = 0     # steps at the floor before beta rises (NVAE: 1e-4 of all)
     free_bits: float = 0.0            # nats per latent group (Kingma et al., 2016)
     grad_clip: float = 200.0          # max global gradient norm; 0 = no clipping
     skip_threshold: float = 0.0       # skip updates whose gradient norm exceeds this (VDVAE); 0 = never
@@ -126,6 +126,55 @@ _PRESET_LIST.append(Preset(
     "images): 45,000 steps of 256, learning rate 1e-3 decayed by a cosine to 2e-5, KL warm-up over 10,000 steps, "
     "EMA of the weights (0.999) for evaluation, at most 60 minutes; test NLL from 1000 importance samples on all "
     "10,000 test images."))
+
+def nvae_recipe(batch_size: int, steps_per_epoch: int, epochs: int, **changes) -> TrainConfig:
+    """NVAE's training recipe, the defaults of the official train.py: Adamax (eps 1e-3, weight decay
+    3e-4), learning rate 1e-2 warmed up over 5 epochs, then a cosine to 1e-4; the KL weight 1e-4 for
+    the first 1e-4 of training, then linear to 1 over 30% of it; no gradient clipping."""
+    steps = steps_per_epoch * epochs
+    recipe = dict(batch_size=batch_size, lr=1e-2, max_steps=steps, optimizer='adamax', optimizer_eps=1e-3,
+                  weight_decay=3e-4, lr_warmup_steps=5 * steps_per_epoch, min_lr_ratio=1e-2,
+                  kl_warmup_steps=round(0.3 * steps), kl_warmup_floor=1e-4,
+                  kl_warmup_hold_steps=round(1e-4 * steps), grad_clip=0.0)
+    return TrainConfig(**{**recipe, **changes})
+
+_PRESET_LIST += [
+    Preset('nvae_digits', 'digits',
+           NVAEConfig(image_shape=(1, 8, 8), padding=0, encoder_channels=8, decoder_channels=8,
+                      latent_channels=4, latent_scales=2, groups_per_scale=4, preprocess_blocks=1,
+                      preprocess_cells=1, postprocess_blocks=1, postprocess_cells=1,
+                      encoder_cells_per_group=1, decoder_cells_per_group=1, spectral_weight=1e-2),
+           nvae_recipe(64, 1500 // 64, 20, eval_every=460, save_every=460, eval_examples=297,
+                       final_eval_samples=100, log_every=10),
+           "A small NVAE on scikit-learn's 8x8 digits, dynamically binarised: 6 groups of 4x4x4 and "
+           "4x2x2 latents (two scales, ada_groups), 8 channels, one cell per group and per block, "
+           "spectral regularisation 1e-2; NVAE's recipe over 20 epochs (460 steps of 64)."),
+    Preset('nvae_mnist', 'mnist',
+           NVAEConfig(image_shape=(1, 28, 28), padding=2, encoder_channels=32, decoder_channels=32,
+                      latent_channels=20, latent_scales=2, groups_per_scale=10, adaptive_groups=1,
+                      preprocess_blocks=2, preprocess_cells=3, postprocess_blocks=2, postprocess_cells=3,
+                      encoder_cells_per_group=2, decoder_cells_per_group=2, flows_per_group=0,
+                      spectral_weight=1e-2),
+           nvae_recipe(400, 60_000 // 400, 400, eval_every=5000, save_every=5000, log_every=100),
+           "NVAE's MNIST model and recipe (NVlabs/NVAE README command; Vahdat & Kautz 2020): 2 latent "
+           "scales, 10 groups at 8x8 and 5 at 4x4 (ada_groups), 20 latent channels per group, 32 "
+           "channels, 2 pre- and 2 post-processing blocks of 3 cells, 2 cells per group, SE, residual "
+           "normal, no flows, lambda 1e-2; global batch 400 (2 GPUs x 200), 400 epochs of 150 steps, "
+           "train.py's defaults otherwise; dynamically binarised MNIST padded to 32x32."),
+    Preset('nvae_cifar10', 'cifar10',
+           NVAEConfig(image_shape=(3, 32, 32), likelihood='logistic_mixture', num_mixtures=10,
+                      padding=0, encoder_channels=128, decoder_channels=128, latent_channels=20,
+                      latent_scales=1, groups_per_scale=30, adaptive_groups=0, preprocess_blocks=1,
+                      preprocess_cells=2, postprocess_blocks=1, postprocess_cells=2,
+                      encoder_cells_per_group=2, decoder_cells_per_group=2, flows_per_group=1,
+                      spectral_weight=1e-2),
+           nvae_recipe(256, 50_000 // 256, 400, eval_every=5000, save_every=5000, log_every=100),
+           "NVAE's CIFAR-10 model and recipe (NVlabs/NVAE README command; Vahdat & Kautz 2020): 1 "
+           "latent scale of 30 groups at 16x16, 20 latent channels, 128 channels, 1 pre- and 1 "
+           "post-processing block of 2 cells, 2 cells per group, SE, residual normal, 1 flow pair per "
+           "group, lambda 1e-2, 10 logistic mixtures; global batch 256 (8 GPUs x 32), 400 epochs of 195 "
+           "steps, train.py's defaults otherwise (its random horizontal flips are not applied here)."),
+]
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
 def get_preset(name: str) -> Preset:
