@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from functools import partial
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -28,12 +29,12 @@ import torch.nn.functional as F
 # %% auto #0
 __all__ = ['DATA_DIR_ENV', 'DEFAULT_DATA_DIR', 'MNIST_MIRRORS', 'OFFICIAL_FILES', 'BINARIZED_MNIST_URL', 'IDX_DIMENSIONS',
            'MNIST_FILES', 'BINARIZED_MNIST_ROWS', 'BINARIZED_MNIST_FILE', 'MNIST_PIXELS', 'CIFAR_RECORD_BYTES',
-           'CIFAR_BATCHES', 'CIFAR_ARCHIVE', 'CIFAR_EXTRACTED', 'DIGITS_TRAIN_SIZE', 'DATASETS', 'DataError',
-           'resolve_data_dir', 'RemoteFile', 'download_file', 'ensure_file', 'read_idx', 'load_mnist',
+           'CIFAR_BATCHES', 'CIFAR_ARCHIVE', 'CIFAR_EXTRACTED', 'DIGITS_TRAIN_SIZE', 'DATASETS', 'VDVAE_ARRAYS',
+           'DataError', 'resolve_data_dir', 'RemoteFile', 'download_file', 'ensure_file', 'read_idx', 'load_mnist',
            'load_binarized_mnist', 'download_binarized_mnist', 'parse_cifar_records', 'load_cifar10',
            'load_digits_images', 'binarize', 'fixed_binarization', 'ImageData', 'digits_data', 'mnist_data',
-           'binarized_mnist_data', 'binarized_mnist_trainval_data', 'cifar10_data', 'load_data', 'image_grid',
-           'show_images', 'random_subset']
+           'binarized_mnist_data', 'binarized_mnist_trainval_data', 'cifar10_data', 'mnist8bit_data', 'load_data',
+           'read_pixel_array', 'vdvae_array_data', 'image_grid', 'show_images', 'random_subset']
 
 # %% ../nbs/01_data.ipynb #9ff99457
 class DataError(ValueError):
@@ -343,14 +344,64 @@ def cifar10_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData
     train, test = (_float(load_cifar10(split, data_dir, download)[0], 255) for split in ("train", "test"))
     return ImageData("cifar10", train, test, "logistic_mixture", dynamic_binarization=False)
 
+def mnist8bit_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+    # The same files as `mnist`, but the grey levels are the data: 8-bit pixels for the logistic mixture.
+    train, test = (_float(load_mnist(split, data_dir, download)[0], 255) for split in ("train", "test"))
+    return ImageData("mnist8bit", train, test, "logistic_mixture", dynamic_binarization=False)
+
 DATASETS: dict[str, Callable[..., ImageData]] = {
     "digits": digits_data, "mnist": mnist_data, "binarized_mnist": binarized_mnist_data,
-    "binarized_mnist_trainval": binarized_mnist_trainval_data, "cifar10": cifar10_data}
+    "binarized_mnist_trainval": binarized_mnist_trainval_data, "cifar10": cifar10_data, "mnist8bit": mnist8bit_data}
 
 def load_data(name: str, data_dir=None, download: bool = False, test_seed: int = 0) -> ImageData:
     "Load the dataset `name` (a key of `DATASETS`) as an `ImageData`."
     if name not in DATASETS: raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return DATASETS[name](data_dir=data_dir, download=download, test_seed=test_seed)
+
+# %% ../nbs/01_data.ipynb #2512b8bd
+VDVAE_ARRAYS = {  # dataset: (array, test array or None, seed of the held-out permutation, held out), as in data.py
+    "imagenet32": ("imagenet32-train.npy", "imagenet32-valid.npy", 42, 5000),
+    "imagenet64": ("imagenet64-train.npy", "imagenet64-valid.npy", 42, 5000),
+    "ffhq256": ("ffhq-256.npy", None, 5, 7000),
+    "ffhq1024": ("ffhq1024-train.npy", "ffhq1024-valid.npy", None, 0),
+}
+
+def read_pixel_array(path: Path) -> np.ndarray:
+    "A memory-mapped uint8 array of RGB images (N, H, W, 3), as openai/vdvae's setup scripts write them."
+    if not path.is_file():
+        raise DataError(f"{path} not found. Write it with openai/vdvae's setup script for this dataset (setup_imagenet.sh, "
+                        f"setup_ffhq256.sh, or files_to_npy.py for FFHQ-1024) and put it in {path.parent} (the data "
+                        f"directory comes from --data-dir, ${DATA_DIR_ENV}, or {DEFAULT_DATA_DIR}); it is not downloaded "
+                        "automatically.")
+    try: array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error: raise DataError(f"{path}: not a readable .npy array ({error})") from error
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise DataError(f"{path}: {array.dtype} array of shape {array.shape}, expected uint8 images (N, H, W, 3)")
+    return array
+
+def _channels_first(array: np.ndarray, rows: np.ndarray | None = None, chunk: int = 2048) -> torch.Tensor:
+    "Rows of an (N, H, W, 3) uint8 array as float32 (n, 3, H, W) in [0, 1], a chunk at a time."
+    rows = np.arange(len(array)) if rows is None else rows
+    out = torch.empty(len(rows), array.shape[3], *array.shape[1:3])
+    for start in range(0, len(rows), chunk):
+        part = torch.from_numpy(np.ascontiguousarray(array[rows[start:start + chunk]]))
+        out[start:start + chunk] = part.permute(0, 3, 1, 2).float().div_(255)
+    return out
+
+def vdvae_array_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+    "One of `VDVAE_ARRAYS`, split as openai/vdvae splits it."
+    array_file, test_file, seed, held_out = VDVAE_ARRAYS[name]
+    folder = resolve_data_dir(data_dir)/name
+    everything = read_pixel_array(folder/array_file)
+    if seed is None: return ImageData(name, _channels_first(everything), _channels_first(read_pixel_array(folder/test_file)),
+                                      "logistic_mixture", dynamic_binarization=False)
+    if len(everything) <= held_out: raise DataError(f"{folder/array_file}: {len(everything)} images, the split holds out {held_out}")
+    order = np.random.RandomState(seed).permutation(len(everything))    # np.random.seed(seed); np.random.permutation
+    train = _channels_first(everything, np.sort(order[:-held_out]))      # sorted: the memory map is read in order
+    test = (_channels_first(read_pixel_array(folder/test_file)) if test_file else _channels_first(everything, order[-held_out:]))
+    return ImageData(name, train, test, "logistic_mixture", dynamic_binarization=False)
+
+DATASETS.update({name: partial(vdvae_array_data, name) for name in VDVAE_ARRAYS})
 
 # %% ../nbs/01_data.ipynb #015a17a0
 def _as_unit_interval(images) -> torch.Tensor:

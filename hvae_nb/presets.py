@@ -16,6 +16,7 @@ from .vae import (ConfigError, ModelConfig, VAEConfig, check_choice, check_numbe
                          invalid)
 from .lvae import LVAEConfig
 from .nvae import NVAEConfig
+from .vdvae import VDVAEConfig
 
 # %% ../nbs/10_presets.ipynb #6bf96363
 OPTIMIZERS = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
@@ -29,6 +30,7 @@ class TrainConfig:
     optimizer: str = 'adamw'          # a key of OPTIMIZERS
     weight_decay: float = 0.0
     optimizer_eps: float = 1e-8       # the optimiser's epsilon (NVAE's Adamax: 1e-3)
+    adam_beta2: float = 0.999        # decay of the optimiser's second-moment estimate (VDVAE: 0.9)
     lr_warmup_steps: int = 0          # linear warm-up, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     kl_warmup_steps: int = 0          # beta rises linearly from 0 to 1 (Sonderby et al., 2016)
@@ -62,6 +64,7 @@ class TrainConfig:
         check_number(self, 'optimizer_eps', 0, 1, open_low=True)
         check_number(self, 'kl_warmup_floor', 0, 1)
         check_number(self, 'ema_decay', 0, 0.999999)
+        check_number(self, 'adam_beta2', 0, 0.999999)
 
 @dataclass(frozen=True)
 class Preset:
@@ -77,7 +80,8 @@ class Preset:
         if not isinstance(self.model, ModelConfig): raise invalid(self, 'model', 'a ModelConfig of some family')
 
 # %% ../nbs/10_presets.ipynb #f6edcd2d
-MODEL_FAMILIES: dict[str, type] = {config.family: config for config in (VAEConfig, LVAEConfig, NVAEConfig)}
+MODEL_FAMILIES: dict[str, type] = {config.family: config
+                                   for config in (VAEConfig, LVAEConfig, NVAEConfig, VDVAEConfig)}
 
 def register_family(config_class: type) -> type:
     "Make a model configuration class defined outside the package known, so its run directories load back."
@@ -174,6 +178,85 @@ _PRESET_LIST += [
            "post-processing block of 2 cells, 2 cells per group, SE, residual normal, 1 flow pair per "
            "group, lambda 1e-2, 10 logistic mixtures; global batch 256 (8 GPUs x 32), 400 epochs of 195 "
            "steps, train.py's defaults otherwise (its random horizontal flips are not applied here)."),
+]
+
+# VDVAE (Child, 2021): every number below is from openai/vdvae's hps.py (the `cifar10`, `imagenet32`,
+# `imagenet64`, `ffhq256` and `ffhq1024` sets and the defaults they inherit) and data.py (input normalisation).
+def _vdvae_recipe(**fields) -> TrainConfig:
+    """The official recipe: AdamW with betas (0.9, 0.9) and weight decay 0.01, linear warm-up over 100 steps then a
+    constant rate, gradient clipping, update skipping and an EMA; evaluated by the one-sample ELBO, as the paper."""
+    return TrainConfig(optimizer='adamw', adam_beta2=0.9, weight_decay=0.01, lr_warmup_steps=100, min_lr_ratio=1.0,
+                       eval_samples=1, final_eval_samples=1, eval_every=25_000, save_every=25_000, log_every=100,
+                       **fields)
+
+def _vdvae_paper(size: int, encoder: str, decoder: str, mean: float, std: float, **fields) -> VDVAEConfig:
+    return VDVAEConfig(image_shape=(3, size, size), likelihood='logistic_mixture', encoder_blocks=encoder,
+                       decoder_blocks=decoder, input_mean=mean, input_std=std, **fields)
+
+_PRESET_LIST += [
+    Preset('vdvae_cifar10', 'cifar10',
+           _vdvae_paper(32, '32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3', '1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21',
+                        120.63838, 64.16736, width=384),
+           _vdvae_recipe(batch_size=32, lr=2e-4, grad_clip=200, skip_threshold=400, ema_decay=0.9999,
+                         max_steps=1_000_000),
+           "VDVAE's CIFAR-10 model (Child, 2021; openai/vdvae hps.py `cifar10`): 39.1M parameters, width 384, 43 "
+           "latent groups of 16 channels; AdamW (0.9, 0.9), lr 2e-4 after 100 warm-up steps, weight decay 0.01, batch "
+           "32 (16 on each of 2 GPUs), gradient clip 200, skip above 400, EMA 0.9999; about 1M steps (2.87 bits/dim)."),
+    Preset('vdvae_imagenet32', 'imagenet32',
+           _vdvae_paper(32, '32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6', '1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40',
+                        116.2373, 69.37404, width=512),
+           _vdvae_recipe(batch_size=256, lr=1.5e-4, grad_clip=200, skip_threshold=300, ema_decay=0.999,
+                         max_steps=1_700_000),
+           "VDVAE's ImageNet-32 model (hps.py `imagenet32`): 119.3M parameters, width 512, 78 latent groups; lr 1.5e-4, "
+           "batch 256 (8 on each of 32 GPUs), clip 200, skip above 300, EMA 0.999; 1.7M steps (3.80 bits/dim)."),
+    Preset('vdvae_imagenet64', 'imagenet64',
+           _vdvae_paper(64, '64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5',
+                        '1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12', 115.92961967, 69.37404, width=512),
+           _vdvae_recipe(batch_size=128, lr=1.5e-4, grad_clip=220, skip_threshold=380, ema_decay=0.999,
+                         max_steps=1_600_000),
+           "VDVAE's ImageNet-64 model (hps.py `imagenet64`): 125.0M parameters, width 512, 75 latent groups; lr 1.5e-4, "
+           "batch 128 (4 on each of 32 GPUs), clip 220, skip above 380, EMA 0.999; 1.6M steps (3.52 bits/dim)."),
+    Preset('vdvae_ffhq256', 'ffhq256',
+           _vdvae_paper(256, '256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
+                        '1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
+                        112.8666757481, 69.84780273, width=512, pixel_bits=5),
+           _vdvae_recipe(batch_size=32, lr=1.5e-4, grad_clip=130, skip_threshold=180, ema_decay=0.999,
+                         max_steps=1_700_000),
+           "VDVAE's FFHQ-256 model (hps.py `ffhq256`): 114.9M parameters, width 512, 66 latent groups, pixels scored "
+           "at 5 bits; lr 1.5e-4, batch 32 (1 on each of 32 GPUs), clip 130, skip above 180, EMA 0.999; 1.7M steps "
+           "(0.61 bits/dim)."),
+    Preset('vdvae_ffhq1024', 'ffhq1024',
+           _vdvae_paper(1024, '1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,16x7,16d2,'
+                              '8x5,8d2,4x5,4d4,1x4',
+                        '1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,'
+                        '1024m512', 0.4387 * 255, 0.2743 * 255, width=16, num_mixtures=2,
+                        custom_widths='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512'),
+           _vdvae_recipe(batch_size=32, lr=7e-5, grad_clip=360, skip_threshold=500, ema_decay=0.999,
+                         max_steps=1_700_000),
+           "VDVAE's FFHQ-1024 model (hps.py `ffhq1024`): 109.4M parameters, widths 16 (1024), 32 (512), 64 (256) and "
+           "512 below, 70 latent groups, 2 mixture components; lr 7e-5, batch 32 (1 on each of 32 GPUs), clip 360, "
+           "skip above 500, EMA 0.999; 1.7M steps (2.42 bits/dim)."),
+    Preset('vdvae_digits', 'digits',
+           VDVAEConfig(image_shape=(1, 8, 8), encoder_blocks='8x1,8d2,4x1,4d4,1x1', decoder_blocks='1x1,4m1,4x2,8m4,8x2',
+                       width=32, latent_channels=4),
+           TrainConfig(batch_size=64, lr=2e-3, max_steps=500, optimizer='adamw', adam_beta2=0.9, weight_decay=0.01,
+                       lr_warmup_steps=100, min_lr_ratio=1.0, grad_clip=1.0, skip_threshold=2.0, ema_decay=0.99,
+                       eval_every=500, save_every=500, eval_examples=297, eval_samples=20, final_eval_samples=100,
+                       log_every=1),
+           "A seven-group VDVAE on scikit-learn's 8x8 digits, dynamically binarised (resolutions 1, 4 and 8, width 32, "
+           "4 latent channels) with VDVAE's recipe (clipping at 1 and skipping above 2, this model's scale of gradient "
+           "norms): trains in about three minutes on a CPU."),
+    Preset('vdvae_mnist', 'mnist8bit',
+           VDVAEConfig(image_shape=(1, 28, 28), likelihood='logistic_mixture', width=32, latent_channels=8,
+                       encoder_blocks='28x1,28d2,14x2,14d2,7x2,7d7,1x1', decoder_blocks='1x1,7m1,7x2,14m7,14x2,28m14,28x1',
+                       input_mean=33.32, input_std=78.57),
+           TrainConfig(batch_size=32, lr=1e-3, max_steps=20_000, optimizer='adamw', adam_beta2=0.9, weight_decay=0.01,
+                       lr_warmup_steps=100, min_lr_ratio=1.0, grad_clip=200, skip_threshold=400, ema_decay=0.999,
+                       max_minutes=60, eval_every=2000, save_every=2000, eval_examples=500, eval_samples=1,
+                       final_eval_samples=1, log_every=50),
+           "A seven-group VDVAE on 8-bit MNIST (grey levels scored by a 10-component discretized logistic mixture, "
+           "reported in bits/dim): resolutions 1, 7, 14 and 28, width 32, 8 latent channels, VDVAE's recipe at "
+           "learning rate 1e-3 and batch 32, at most one hour on one CPU core; evaluated by the one-sample ELBO."),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 

@@ -57,9 +57,9 @@ def seed_micro_batch(seed: int, step: int, micro: int):
 
 # %% ../nbs/11_train.ipynb #122056e5
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    "The optimiser named by the recipe (the table `OPTIMIZERS` lives with `TrainConfig`)."
+    "The optimiser named by the recipe (the table `OPTIMIZERS` lives with `TrainConfig`), betas (0.9, `adam_beta2`)."
     return OPTIMIZERS[train.optimizer](model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                       eps=train.optimizer_eps)
+                                       betas=(0.9, train.adam_beta2), eps=train.optimizer_eps)
 
 def make_scheduler(optimizer, train: TrainConfig):
     "Linear warm-up over `lr_warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."

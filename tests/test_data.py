@@ -317,7 +317,8 @@ def test_digits_split_and_data():
     assert data.likelihood == "bernoulli" and data.dynamic_binarization
     assert set(data.test.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(data.test, load_data("digits", test_seed=0).test)
-    assert set(DATASETS) == {"digits", "mnist", "binarized_mnist", "binarized_mnist_trainval", "cifar10"}
+    assert set(DATASETS) == {"digits", "mnist", "binarized_mnist", "binarized_mnist_trainval", "cifar10", "mnist8bit",
+                             "imagenet32", "imagenet64", "ffhq256", "ffhq1024"}
 
 
 def test_binarize_is_bernoulli():
