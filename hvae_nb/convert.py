@@ -160,7 +160,8 @@ def nvae_preset(config: NVAEConfig, source) -> Preset:
     candidates = [p for p in PRESETS.values() if isinstance(p.model, NVAEConfig)]
     for preset in candidates:
         if not architecture_differences(preset.model, config): return dataclasses.replace(preset, model=config)
-    closest = min(candidates, key=lambda p: len(architecture_differences(config, p.model)))
+    closest = min(candidates, key=lambda p: (p.model.image_shape != config.image_shape,
+                                             len(architecture_differences(config, p.model))))
     raise ConfigError(f"{source}: an NVAE architecture no preset has (closest: {closest.name}, which differs in "
                       f"{'; '.join(architecture_differences(config, closest.model))}); name a preset with --preset "
                       "and describe the model with --override")
