@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['VDVAE_NAMES', 'CONVERTERS', 'NVAE_FLAGS', 'NVAE_FLAG_DEFAULTS', 'NVAE_DATASETS', 'NVAE_TRAINING_FIELDS',
-           'read_checkpoint', 'official_vdvae_name', 'vdvae_state_dict', 'convert_vdvae', 'read_nvae_checkpoint',
-           'nvae_config', 'architecture_differences', 'nvae_preset', 'nvae_module_names', 'official_flags',
-           'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
+           'NVAE_REQUIRED', 'read_checkpoint', 'official_vdvae_name', 'vdvae_state_dict', 'convert_vdvae',
+           'read_nvae_checkpoint', 'nvae_config', 'architecture_differences', 'nvae_preset', 'nvae_module_names',
+           'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
 
 # %% ../nbs/14_convert.ipynb #8b09463f
 import argparse, dataclasses, re, sys
@@ -90,8 +90,9 @@ CONVERTERS = {'vdvae': convert_vdvae}   # source -> function(checkpoint, preset 
 
 # %% ../nbs/14_convert.ipynb #216de59f
 def read_nvae_checkpoint(path) -> tuple[dict[str, Tensor], dict | None]:
-    """The state dict and the `args` (as a dict; None if absent) of an NVAE checkpoint as NVlabs' train.py saves it
-    (or of a bare state dict), read without running code: the only object rebuilt is an `argparse.Namespace`."""
+    """The state dict and the `args` (a dict; None if absent) of an NVAE checkpoint as NVlabs'
+    train.py saves it (or of a bare state dict), read without running code: the one object it
+    rebuilds is an `argparse.Namespace`."""
     path = Path(path)
     if not path.is_file(): raise RunError(f"checkpoint {path} does not exist")
     try:
@@ -100,14 +101,17 @@ def read_nvae_checkpoint(path) -> tuple[dict[str, Tensor], dict | None]:
     except Exception as e:
         found = re.search(r'WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)', str(e))
         reason = found[1] if found else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RunError(f"{path} is not a PyTorch checkpoint that can be read safely (weights only): {reason}") from None
-    state, args = (saved.get('state_dict'), saved.get('args')) if isinstance(saved, dict) else (None, None)
-    if state is None: state, args = saved, None                        # a bare state dict
-    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, Tensor)
-                                                      for k, v in state.items())):
-        raise RunError(f"{path} holds no NVAE state dict (a dict with 'state_dict', or names mapped to tensors)")
+        raise RunError(f"{path} is not a PyTorch checkpoint that can be read safely (weights "
+                       f"only): {reason}") from None
+    state, args = saved, None                                      # a bare state dict
+    if isinstance(saved, dict) and 'state_dict' in saved:
+        state, args = saved['state_dict'], saved.get('args')
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
+        raise RunError(f"{path} holds no NVAE state dict (a dict with 'state_dict', or names "
+                       "mapped to tensors)")
     if args is not None and not isinstance(args, (argparse.Namespace, dict)):
-        raise RunError(f"{path}: its 'args' are a {type(args).__name__}, not the argparse.Namespace NVAE saves")
+        raise RunError(f"{path}: its 'args' are a {type(args).__name__}, not a Namespace")
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     return {name.removeprefix('module.'): tensor for name, tensor in state.items()}, args
 
@@ -116,78 +120,90 @@ NVAE_FLAGS = {    # NVAEConfig field -> the official flag it stands for
     'encoder_channels': 'num_channels_enc', 'decoder_channels': 'num_channels_dec',
     'latent_channels': 'num_latent_per_group', 'latent_scales': 'num_latent_scales',
     'groups_per_scale': 'num_groups_per_scale', 'adaptive_groups': 'ada_groups',
-    'min_groups_per_scale': 'min_groups_per_scale', 'preprocess_blocks': 'num_preprocess_blocks',
-    'preprocess_cells': 'num_preprocess_cells', 'postprocess_blocks': 'num_postprocess_blocks',
-    'postprocess_cells': 'num_postprocess_cells', 'encoder_cells_per_group': 'num_cell_per_cond_enc',
+    'min_groups_per_scale': 'min_groups_per_scale',
+    'preprocess_blocks': 'num_preprocess_blocks', 'preprocess_cells': 'num_preprocess_cells',
+    'postprocess_blocks': 'num_postprocess_blocks', 'postprocess_cells': 'num_postprocess_cells',
+    'encoder_cells_per_group': 'num_cell_per_cond_enc',
     'decoder_cells_per_group': 'num_cell_per_cond_dec', 'flows_per_group': 'num_nf',
     'spectral_weight': 'weight_decay_norm'}
 # flags that older checkpoints may lack, with the official train.py's defaults
-NVAE_FLAG_DEFAULTS = dict(ada_groups=False, min_groups_per_scale=1, num_mixture_dec=10, num_x_bits=8,
-                          weight_decay_norm=0.0, weight_decay_norm_anneal=False, weight_decay_norm_init=10.0,
-                          arch_instance='res_mbconv')
+NVAE_FLAG_DEFAULTS = dict(ada_groups=False, min_groups_per_scale=1, num_mixture_dec=10,
+                          num_x_bits=8, weight_decay_norm=0.0, weight_decay_norm_anneal=False,
+                          weight_decay_norm_init=10.0, arch_instance='res_mbconv')
 NVAE_DATASETS = {'mnist': dict(image_shape=(1, 28, 28), padding=2, likelihood='bernoulli'),
                  'cifar10': dict(image_shape=(3, 32, 32), padding=0, likelihood='logistic_mixture')}
 NVAE_TRAINING_FIELDS = ('kl_balancing', 'spectral_weight', 'spectral_weight_start')
+NVAE_REQUIRED = (('arch_instance', 'res_mbconv', "the cells of --arch_instance res_mbconv"),
+                 ('use_se', True, 'squeeze-and-excitation (--use_se)'),
+                 ('res_dist', True, 'the residual posterior (--res_dist)'),
+                 ('num_x_bits', 8, '8-bit pixels (--num_x_bits 8)'))
 
 def nvae_config(args: dict, source) -> NVAEConfig:
-    "The NVAEConfig the official flags `args` describe; a ConfigError (one line) for a model hvae_nb does not build."
+    """The NVAEConfig the official flags `args` describe; a ConfigError (one line) for a model
+    hvae_nb does not build."""
     a = {**NVAE_FLAG_DEFAULTS, **args}
-    refuse = lambda flag, what: ConfigError(f"{source} was trained with --{flag} {a.get(flag)!r}; hvae_nb converts "
-                                            f"NVAE models with {what}")
+    def refuse(flag, what):
+        return ConfigError(f"{source} was trained with --{flag} {a.get(flag)!r}; hvae_nb converts "
+                           f"NVAE models with {what}")
     if a.get('dataset') not in NVAE_DATASETS: raise refuse('dataset', 'dataset mnist or cifar10')
-    for flag, value, what in (('arch_instance', 'res_mbconv', "the cells of --arch_instance res_mbconv"),
-                              ('use_se', True, 'squeeze-and-excitation (--use_se)'),
-                              ('res_dist', True, 'the residual posterior (--res_dist)'),
-                              ('num_x_bits', 8, '8-bit pixels (--num_x_bits 8)')):
+    for flag, value, what in NVAE_REQUIRED:
         if a.get(flag) != value: raise refuse(flag, what)
     if a['dataset'] == 'cifar10' and a['num_mixture_dec'] < 2:
         raise refuse('num_mixture_dec', 'a logistic mixture for RGB (--num_mixture_dec 2 or more)')
     missing = [flag for flag in NVAE_FLAGS.values() if flag not in a]
-    if missing: raise ConfigError(f"{source}: its args lack --{missing[0]} (and {len(missing) - 1} more)")
+    if missing: raise ConfigError(f"{source}: its args lack --{missing[0]} ({len(missing)} lack)")
     fields = {name: a[flag] for name, flag in NVAE_FLAGS.items()}
     fields['adaptive_groups'] = int(bool(fields['adaptive_groups']))
-    fields['spectral_weight_start'] = a['weight_decay_norm_init'] if a['weight_decay_norm_anneal'] else 0.0
-    try: return NVAEConfig(**NVAE_DATASETS[a['dataset']], num_mixtures=a['num_mixture_dec'], **fields)
-    except ConfigError as e: raise ConfigError(f"{source}: its args describe no model hvae_nb builds: {e}") from None
+    fields['spectral_weight_start'] = (a['weight_decay_norm_init'] if a['weight_decay_norm_anneal']
+                                       else 0.0)
+    data = NVAE_DATASETS[a['dataset']]
+    try: return NVAEConfig(**data, num_mixtures=a['num_mixture_dec'], **fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: its args describe no model hvae_nb builds: {e}") from None
 
 def architecture_differences(a: NVAEConfig, b: NVAEConfig) -> list[str]:
     "The fields, training terms aside, in which two NVAE configurations differ, as 'field: a vs b'."
-    return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in dataclasses.fields(a)
+    return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+            for f in dataclasses.fields(a)
             if f.name not in NVAE_TRAINING_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
 
 def nvae_preset(config: NVAEConfig, source) -> Preset:
-    "The catalogue's NVAE preset of `config`'s architecture, with `config` as its model; a ConfigError if none."
+    "The catalogue's NVAE preset of `config`'s architecture, with `config` as its model."
     candidates = [p for p in PRESETS.values() if isinstance(p.model, NVAEConfig)]
     for preset in candidates:
-        if not architecture_differences(preset.model, config): return dataclasses.replace(preset, model=config)
+        if not architecture_differences(preset.model, config):
+            return dataclasses.replace(preset, model=config)
     closest = min(candidates, key=lambda p: (p.model.image_shape != config.image_shape,
                                              len(architecture_differences(config, p.model))))
-    raise ConfigError(f"{source}: an NVAE architecture no preset has (closest: {closest.name}, which differs in "
-                      f"{'; '.join(architecture_differences(config, closest.model))}); name a preset with --preset "
-                      "and describe the model with --override")
+    differences = '; '.join(architecture_differences(config, closest.model))
+    raise ConfigError(f"{source}: an NVAE architecture no preset has (closest: {closest.name}, "
+                      f"which differs in {differences}); name a preset with --preset and describe "
+                      "the model with --override")
 
 # %% ../nbs/14_convert.ipynb #4b0b5e6f
 def nvae_module_names(config: NVAEConfig) -> list[tuple[str, str]]:
-    "(our module, the official module) for every module of the NVAE of `config` that holds parameters."
-    counts = config.groups                                  # finest first, as the official encoder walks them
+    "(our module, the official module) for every module of the NVAE of `config` with parameters."
+    counts = config.groups                            # finest first, as the official encoder walks
     scales, groups = len(counts), sum(counts)
-    scale_of = [s for s, n in enumerate(counts[::-1]) for _ in range(n)]     # top-down, as the model indexes
+    scale_of = [s for s, n in enumerate(counts[::-1]) for _ in range(n)]    # top-down, as ours
     pairs = [('stem', 'stem'), ('encoder_top', 'enc0'), ('output_head', 'image_conditional')]
     pairs += [(f'preprocess.{i}', f'pre_process.{i}')
               for i in range(config.preprocess_blocks * config.preprocess_cells)]
     pairs += [(f'postprocess.{i}', f'post_process.{i}')
               for i in range(config.postprocess_blocks * config.postprocess_cells)]
     tower, bottom = 0, 0
-    for s, count in enumerate(counts):                      # the encoder, bottom-up
+    for s, count in enumerate(counts):                # the encoder, bottom-up
         for _ in range(count):
             d = groups - 1 - bottom
             for c in range(config.encoder_cells_per_group):
                 pairs.append((f'encoder_cells.{d}.{c}', f'enc_tower.{tower}')); tower += 1
-            if d > 0: pairs.append((f'encoder_combiners.{d - 1}', f'enc_tower.{tower}')); tower += 1
+            if d > 0:
+                pairs.append((f'encoder_combiners.{d - 1}', f'enc_tower.{tower}')); tower += 1
             bottom += 1
-        if s < scales - 1: pairs.append((f'encoder_downs.{scales - 2 - s}', f'enc_tower.{tower}')); tower += 1
+        if s < scales - 1:
+            pairs.append((f'encoder_downs.{scales - 2 - s}', f'enc_tower.{tower}')); tower += 1
     tower = 0
-    for d in range(groups):                                 # the decoder, top-down
+    for d in range(groups):                           # the decoder, top-down
         pairs.append((f'posterior_heads.{d}', f'enc_sampler.{d}'))
         pairs += [(f'flows.{d}.{n}', f'nf_cells.{d * config.flows_per_group + n}')
                   for n in range(config.flows_per_group)]
@@ -201,66 +217,77 @@ def nvae_module_names(config: NVAEConfig) -> list[tuple[str, str]]:
     return pairs
 
 def official_flags(config: NVAEConfig) -> dict:
-    "The official flags of the NVAE of `config`: the inverse of `nvae_config`, for `official_nvae_state`."
+    "The official flags of the NVAE of `config`: the inverse of `nvae_config`."
     dataset = next((name for name, data in NVAE_DATASETS.items()
                     if all(getattr(config, field) == value for field, value in data.items())), None)
-    if dataset is None: raise ConfigError(f"{config.image_shape} images with padding {config.padding} and a "
-                                          f"{config.likelihood} likelihood are no official NVAE dataset")
+    if dataset is None:
+        raise ConfigError(f"{config.image_shape} images, padding {config.padding}, likelihood "
+                          f"{config.likelihood}: no official NVAE dataset")
     flags = {flag: getattr(config, name) for name, flag in NVAE_FLAGS.items()}
-    return dict(flags, dataset=dataset, ada_groups=bool(config.adaptive_groups), num_mixture_dec=config.num_mixtures)
+    return dict(flags, dataset=dataset, ada_groups=bool(config.adaptive_groups),
+                num_mixture_dec=config.num_mixtures)
 
 def _official_alias(name: str) -> str:
-    "The last part of the official name of our tensor `name` (chapter 07's `log_gain` is a `log_weight_norm`)."
+    "The last part of the official name of our tensor `name`."
     last = name.rpartition('.')[2]
+    # chapter 07's gains are the official `log_weight_norm`s
     return {'log_gain': 'log_weight_norm', 'top_features': 'prior_ftr0'}.get(last, last)
 
-def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module, source) -> dict[str, Tensor]:
-    """Our state dict from an official NVAE one: the official keys and shapes must be those of the model's official
-    twin (`official_nvae_state`), else a RunError naming the first that is not; each is then put in its place.
-    The flow cells' masks and the spectral regulariser's vectors keep the model's own values."""
+def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
+                    source) -> dict[str, Tensor]:
+    """Our state dict from an official NVAE one, whose keys and shapes must be those of the model's
+    official twin (`official_nvae_state`), else a RunError naming the first that is not. The flow
+    cells' masks and the spectral regulariser's vectors keep the model's own values."""
     expected = dict(official_nvae_state(official_flags(model.config)))
+    hint = "is the preset the checkpoint's?"
     missing = [key for key in expected if key not in official]
-    if missing: raise RunError(f"{source}: key {missing[0]!r} is missing ({len(missing)} key(s) missing): is the "
-                               "preset the checkpoint's?")
+    if missing:
+        raise RunError(f"{source}: key {missing[0]!r} is missing ({len(missing)} missing): {hint}")
     unknown = [key for key in official if key not in expected]
-    if unknown: raise RunError(f"{source}: key {unknown[0]!r} is not a tensor of this NVAE ({len(unknown)} such "
-                               "key(s)): is the preset the checkpoint's?")
+    if unknown:
+        raise RunError(f"{source}: key {unknown[0]!r} is not a tensor of this NVAE "
+                       f"({len(unknown)} such keys): {hint}")
     for key, shape in expected.items():
         if tuple(official[key].shape) != shape:
-            raise RunError(f"{source}: key {key!r} has shape {tuple(official[key].shape)}, the preset's model "
-                           f"expects {shape}")
+            raise RunError(f"{source}: key {key!r} has shape {tuple(official[key].shape)}, the "
+                           f"preset's model expects {shape}")
     ours = model.state_dict()
     state = dict(ours)
     under = lambda names, prefix: [n for n in names if n == prefix or n.startswith(prefix + '.')]
     for mine, theirs in [('top_features', 'prior_ftr0')] + nvae_module_names(model.config):
         names = [n for n in under(ours, mine) if not n.endswith('.mask')]
         keys = under(expected, theirs)
-        # the same tensors in the same order (chapter 05): a mismatch here is a bug of this converter
-        assert [_official_alias(n) for n in names] == [k.rpartition('.')[2] for k in keys], (mine, theirs)
+        # the same tensors in the same order (chapter 05): a mismatch is a bug of the converter
+        assert [_official_alias(n) for n in names] == [k.rpartition('.')[2] for k in keys], mine
         for name, key in zip(names, keys):
             state[name] = official[key].reshape(ours[name].shape).to(ours[name].dtype)
     return state
 
 # %% ../nbs/14_convert.ipynb #0ef67922
 def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path:
-    "A run directory holding an NVlabs/NVAE checkpoint as the model of `preset`, inferred from its args if None."
+    """A run directory holding an NVlabs/NVAE checkpoint as the model of `preset`, inferred from the
+    checkpoint's args when None."""
     check_new_run_dir(run_dir)
     official, args = read_nvae_checkpoint(checkpoint)
     if preset is None:
-        if args is None: raise ConfigError(f"{checkpoint} holds no args to infer the model from: name it with --preset")
+        if args is None:
+            raise ConfigError(f"{checkpoint} holds no args to infer the model from: name it with "
+                              "--preset")
         preset = nvae_preset(nvae_config(args, checkpoint), checkpoint)
     elif preset.model.family != 'nvae':
-        raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; an NVAE checkpoint needs an "
-                          "nvae preset, e.g. nvae_mnist")
+        raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; an NVAE "
+                          "checkpoint needs an nvae preset, e.g. nvae_mnist")
     elif args is not None:
         differences = architecture_differences(nvae_config(args, checkpoint), preset.model)
-        if differences: raise ConfigError(f"{checkpoint}: its args and preset {preset.name!r} describe different "
-                                          f"models (args vs preset: {'; '.join(differences)})")
+        if differences:
+            raise ConfigError(f"{checkpoint}: its args and preset {preset.name!r} describe "
+                              f"different models (args vs preset: {'; '.join(differences)})")
     model = preset.model.build()
     model.load_state_dict(nvae_state_dict(official, model, checkpoint))
     create_run_dir(run_dir)
-    write_run_config(run_dir, preset, dict(converted_from=str(Path(checkpoint).resolve()), source='NVlabs/NVAE',
-                                           torch=torch.__version__))
+    launch = dict(converted_from=str(Path(checkpoint).resolve()), source='NVlabs/NVAE',
+                  torch=torch.__version__)
+    write_run_config(run_dir, preset, launch)
     save_weights(model, run_dir / WEIGHTS_FILE)
     return run_dir
 
