@@ -21,12 +21,13 @@ from .distributions import nats_to_bits_per_dim
 from .vae import ConfigError, evaluating, likelihood_terms
 from .diagnostics import active_units, plot_kl_and_active_units
 from .presets import Preset, load_preset_data
-from .runs import (RunError, describe_weights, from_pretrained, load_run_preset, read_metrics,
-                          resolve_weights, write_evaluation)
+from .runs import (RunError, describe_weights, from_pretrained, load_run_preset,
+                          read_metrics, resolve_weights, write_evaluation)
 from .cli import default_device, parse_arguments, run_command
 
 # %% ../nbs/12_evaluate.ipynb #5209a53a
-def evaluation_images(preset: Preset, split: str, max_examples: int | None, seed: int, data_dir=None) -> tuple[torch.Tensor, int]:
+def evaluation_images(preset: Preset, split: str, max_examples: int | None, seed: int,
+                      data_dir=None) -> tuple[torch.Tensor, int]:
     "The images to evaluate on, as the model is trained on them, and the size of the whole split."
     data = load_preset_data(preset, data_dir)
     images = data.test if split == 'test' else data.train
@@ -39,44 +40,53 @@ def summarize(nll: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor,
     "Means over images of the per-image terms, in nats and bits per dimension."
     neg_elbo = reconstruction + kl.sum(1)
     mean = lambda t: t.double().mean().item()
-    return dict(nll_nats=mean(nll), nll_bits_per_dim=nats_to_bits_per_dim(mean(nll), dims),
-                nll_standard_error_nats=(nll.double().std() / math.sqrt(len(nll))).item() if len(nll) > 1 else None,
-                neg_elbo_nats=mean(neg_elbo), neg_elbo_bits_per_dim=nats_to_bits_per_dim(mean(neg_elbo), dims),
+    bits = lambda nats: nats_to_bits_per_dim(nats, dims)
+    standard_error = (nll.double().std() / math.sqrt(len(nll))).item() if len(nll) > 1 else None
+    return dict(nll_nats=mean(nll), nll_bits_per_dim=bits(mean(nll)),
+                nll_standard_error_nats=standard_error,
+                neg_elbo_nats=mean(neg_elbo), neg_elbo_bits_per_dim=bits(mean(neg_elbo)),
                 reconstruction_nats=mean(reconstruction), kl_nats=mean(kl.sum(1)),
                 kl_per_group_nats=kl.double().mean(0).tolist(), dims=dims)
 
 def active_units_summary(found) -> dict:
     "The JSON form of an `ActiveUnits`: counts only (Burda's statistic, and beyond the prior)."
-    return dict(total=found.total, per_group=found.per_group, total_beyond_prior=found.total_beyond_prior,
-                per_group_beyond_prior=found.per_group_beyond_prior, group_sizes=found.sizes, threshold=found.threshold)
+    return dict(total=found.total, per_group=found.per_group,
+                total_beyond_prior=found.total_beyond_prior,
+                per_group_beyond_prior=found.per_group_beyond_prior, group_sizes=found.sizes,
+                threshold=found.threshold)
 
 # %% ../nbs/12_evaluate.ipynb #54961151
 def plot_samples(model, temperatures=(1.0, 0.8, 0.6), n: int = 32, nrow: int = 8, seed: int = 0):
     "One panel of `n` samples per temperature; returns the figure."
     rows = math.ceil(n / nrow)
-    fig, axes = plt.subplots(1, len(temperatures), figsize=(3.2 * len(temperatures), 3.2 * rows / nrow + 0.6), squeeze=False)
+    figsize = (3.2 * len(temperatures), 3.2 * rows / nrow + 0.6)
+    fig, axes = plt.subplots(1, len(temperatures), figsize=figsize, squeeze=False)
     with evaluating(model):
         for ax, t in zip(axes[0], temperatures):
             torch.manual_seed(seed)
-            show_images(model.sample(n, t).float().cpu(), nrow=nrow, ax=ax, title=f'temperature {t}')
+            samples = model.sample(n, t).float().cpu()
+            show_images(samples, nrow=nrow, ax=ax, title=f'temperature {t}')
     fig.tight_layout()
     return fig
 
 def keep_group_counts(groups: int, rows: int = 8) -> list[int]:
-    "0 ... groups, all of them when there are few, else `rows` values spread evenly (both ends included)."
+    "0 ... groups: all when there are few, else `rows` values spread evenly (ends included)."
     if groups + 1 <= rows: return list(range(groups + 1))
     return sorted({round(i * groups / (rows - 1)) for i in range(rows)})
 
-def plot_reconstructions(model, images: torch.Tensor, keep: list[int] | None = None, temperature: float = 1.0, seed: int = 0):
-    "The images (top row), then one row per k: the posterior for the top k groups, the prior below them."
+def plot_reconstructions(model, images: torch.Tensor, keep: list[int] | None = None,
+                         temperature: float = 1.0, seed: int = 0):
+    "The images (top row), then one row per k: the posterior for the top k groups, the prior below."
     keep = keep_group_counts(model.num_groups) if keep is None else keep
-    fig, axes = plt.subplots(len(keep) + 1, 1, figsize=(0.6 * len(images) + 0.4, 0.75 * (len(keep) + 1)), squeeze=False)
+    figsize = (0.6 * len(images) + 0.4, 0.75 * (len(keep) + 1))
+    fig, axes = plt.subplots(len(keep) + 1, 1, figsize=figsize, squeeze=False)
     show_images(images.float().cpu(), nrow=len(images), ax=axes[0, 0], title='data')
     with evaluating(model):
         for ax, k in zip(axes[1:, 0], keep):
             torch.manual_seed(seed)
             decoded = model.reconstruct_keep(images.to(model.device), k, temperature).float().cpu()
-            show_images(decoded, nrow=len(images), ax=ax, title=f'posterior for the top {k} group{"s" * (k != 1)}')
+            title = f'posterior for the top {k} group{"s" * (k != 1)}'
+            show_images(decoded, nrow=len(images), ax=ax, title=title)
     for ax in axes[:, 0]: ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig
@@ -94,52 +104,64 @@ def plot_loss_panel(ax, steps, evals, final):
     x = [r['step'] for r in steps]
     ax.plot(x, [r['loss'] for r in steps], label='training loss', lw=1)
     ax.plot(x, [r['reconstruction'] for r in steps], label='reconstruction', lw=1)
-    if evals: ax.plot([r['step'] for r in evals], [r['eval']['nll_nats'] for r in evals], 'o-', ms=3, label='test-subset NLL')
-    if final: ax.plot([final['step']], [final['test']['nll_nats']], 'k*', ms=9, label='final test NLL')
+    if evals:
+        ax.plot([r['step'] for r in evals], [r['eval']['nll_nats'] for r in evals], 'o-', ms=3,
+                label='test-subset NLL')
+    if final:
+        ax.plot([final['step']], [final['test']['nll_nats']], 'k*', ms=9, label='final test NLL')
     ax.set_ylabel('nats per image'); ax.legend(fontsize=7)
 
 def plot_kl_panel(ax, steps):
     kl = torch.tensor([r['kl'] for r in steps], dtype=torch.float64)
-    for g in range(kl.shape[1]): ax.plot([r['step'] for r in steps], kl[:, g], lw=1, label=f'$z_{{{g + 1}}}$')
-    ax.set_ylabel('KL (nats)')
-    if kl.shape[1] <= 10: ax.legend(fontsize=7)
+    x = [r['step'] for r in steps]
+    for l in range(kl.shape[1]): ax.plot(x, kl[:, l], lw=1, label=f'$z_{{{l + 1}}}$')
+    ax.set_ylabel('KL per group (nats)')
+    if kl.shape[1] <= 10: ax.legend(fontsize=7, title='bottom → top', title_fontsize=7)
 
 def plot_gradient_panel(ax, steps):
     ax.semilogy([r['step'] for r in steps], [r['grad_norm'] for r in steps], lw=1)
     skipped = steps[-1].get('skipped', 0)
-    ax.set_ylabel('gradient norm'); ax.set_title(f'{skipped} updates skipped', fontsize=8)
+    ax.set_ylabel('gradient norm (L2)'); ax.set_title(f'{skipped} updates skipped', fontsize=8)
 
 def plot_schedule_panel(ax, steps):
     x = [r['step'] for r in steps]
-    ax.plot(x, [r['lr'] for r in steps], lw=1, color='tab:purple'); ax.set_ylabel('learning rate', color='tab:purple')
+    ax.plot(x, [r['lr'] for r in steps], lw=1, color='tab:purple')
+    ax.set_ylabel('learning rate', color='tab:purple')
     beta = ax.twinx()
-    beta.plot(x, [r.get('beta', 1.0) for r in steps], lw=1, color='tab:green'); beta.set_ylabel('KL weight β', color='tab:green')
-    beta.set_ylim(-0.05, 1.05)
+    beta.plot(x, [r.get('beta', 1.0) for r in steps], lw=1, color='tab:green')
+    beta.set_ylabel('KL weight β', color='tab:green'); beta.set_ylim(-0.05, 1.05)
 
 def plot_training_curves(records: list[dict]):
-    "Four panels from the records of metrics.jsonl: loss and NLL, KL per group, gradient norm, schedules."
+    "Four panels from metrics.jsonl's records: loss and NLL, KL per group, gradient, schedules."
     steps, evals, final = split_metrics(records)
     if not steps: raise RunError("metrics.jsonl holds no training steps to plot")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     plot_loss_panel(axes[0], steps, evals, final); plot_kl_panel(axes[1], steps)
     plot_gradient_panel(axes[2], steps); plot_schedule_panel(axes[3], steps)
-    for ax in axes: ax.set_xlabel('step')
+    for ax in axes: ax.set_xlabel('training step')
     fig.tight_layout()
     return fig
 
 # %% ../nbs/12_evaluate.ipynb #f3fed4f7
-def check_options(k: int, split: str, batch_size: int, max_batch: int, max_examples: int | None, device: str | None):
+def check_options(k: int, split: str, batch_size: int, max_batch: int, max_examples: int | None,
+                  device: str | None):
     if k < 1: raise ConfigError(f"--k must be at least 1, got {k}")
-    if split not in ('test', 'train'): raise ConfigError(f"--split must be 'test' or 'train', got {split!r}")
-    if batch_size < 1 or max_batch < 1: raise ConfigError(f"--batch-size and --max-batch must be positive, got {batch_size} and {max_batch}")
-    if max_examples is not None and max_examples < 1: raise ConfigError(f"--max-examples must be positive, got {max_examples}")
+    if split not in ('test', 'train'):
+        raise ConfigError(f"--split must be 'test' or 'train', got {split!r}")
+    if batch_size < 1 or max_batch < 1:
+        raise ConfigError(f"--batch-size and --max-batch must be positive, got {batch_size} and "
+                          f"{max_batch}")
+    if max_examples is not None and max_examples < 1:
+        raise ConfigError(f"--max-examples must be positive, got {max_examples}")
     if device is not None and device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
 
 def load_run(run_dir: Path, weights: str, device: str):
-    "The run's preset and its model with `weights` loaded, in eval mode; RunError when any of it is missing or corrupt."
+    """The run's preset and its model with `weights` loaded, in eval mode; RunError when any of it
+    is missing or corrupt."""
     path = resolve_weights(run_dir, weights)
-    model = from_pretrained(run_dir, path.resolve(), device)   # an absolute path: run_dir / path is path itself
+    # an absolute path: run_dir / path is path itself
+    model = from_pretrained(run_dir, path.resolve(), device)
     return load_run_preset(run_dir), model, path
 
 # %% ../nbs/12_evaluate.ipynb #95cdd518
@@ -150,20 +172,25 @@ def save_figure(fig, path: Path) -> str:
     plt.close(fig)
     return path.name
 
-def save_figures(model, images: torch.Tensor, kl_per_group: torch.Tensor, active, records: list[dict], folder: Path,
-                 title: str, seed: int = 0) -> list[str]:
-    "The four figures of an evaluation (`FIGURE_NAMES`) as PNG files in `folder`; the training curves only when there are metrics."
+def save_figures(model, images: torch.Tensor, kl_per_group: torch.Tensor, active,
+                 records: list[dict], folder: Path, title: str, seed: int = 0) -> list[str]:
+    """The four figures of an evaluation (`FIGURE_NAMES`) as PNG files in `folder`; the training
+    curves only when there are metrics."""
     folder.mkdir(parents=True, exist_ok=True)
+    reconstructions = plot_reconstructions(model, random_subset(images, 10, seed), seed=seed)
+    diagnostics = plot_kl_and_active_units(kl_per_group, active, title=title)[0].figure
     saved = [save_figure(plot_samples(model, seed=seed), folder / 'samples.png'),
-             save_figure(plot_reconstructions(model, random_subset(images, 10, seed), seed=seed), folder / 'reconstructions.png'),
-             save_figure(plot_kl_and_active_units(kl_per_group, active, title=title)[0].figure, folder / 'kl_per_group.png')]
-    if split_metrics(records)[0]: saved.append(save_figure(plot_training_curves(records), folder / 'training_curves.png'))
+             save_figure(reconstructions, folder / 'reconstructions.png'),
+             save_figure(diagnostics, folder / 'kl_per_group.png')]
+    if split_metrics(records)[0]:
+        saved.append(save_figure(plot_training_curves(records), folder / 'training_curves.png'))
     return saved
 
 # %% ../nbs/12_evaluate.ipynb #cf924ce4
-def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 100, max_examples: int | None = None,
-                 weights: str = 'model.safetensors', data_dir=None, seed: int = 0, max_batch: int = 2048,
-                 device: str | None = None, figures: bool = True, progress: bool = True) -> dict:
+def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 100,
+                 max_examples: int | None = None, weights: str = 'model.safetensors',
+                 data_dir=None, seed: int = 0, max_batch: int = 2048, device: str | None = None,
+                 figures: bool = True, progress: bool = True) -> dict:
     "Evaluate the run in `run_dir`: write `eval.json` and `figures/` there and return the results."
     began, run_dir = time.time(), Path(run_dir)
     check_options(k, split, batch_size, max_batch, max_examples, device)
@@ -177,12 +204,14 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
     found = active_units(model, images, batch_size)
     result = dict(run_dir=str(run_dir), preset=preset.name, dataset=preset.dataset, split=split,
                   weights=describe_weights(weights_path, run_dir, preset.train.ema_decay), k=k,
-                  num_examples=len(images), split_size=split_size, subset_seed=seed if len(images) < split_size else None,
-                  **summarize(*terms, dims=images[0].numel()), active_units=active_units_summary(found),
-                  device=str(device), seed=seed)
+                  num_examples=len(images), split_size=split_size,
+                  subset_seed=seed if len(images) < split_size else None,
+                  **summarize(*terms, dims=images[0].numel()),
+                  active_units=active_units_summary(found), device=str(device), seed=seed)
     if figures:
         kl_per_group = torch.tensor(result['kl_per_group_nats'])
-        result['figures'] = save_figures(model, images, kl_per_group, found, records, run_dir / 'figures', preset.name, seed)
+        result['figures'] = save_figures(model, images, kl_per_group, found, records,
+                                         run_dir / 'figures', preset.name, seed)
     result['seconds'] = round(time.time() - began, 2)
     write_evaluation(run_dir, result)
     return result
@@ -192,28 +221,30 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                      k: int = 1000,                    # importance samples per image
                      split: str = 'test',              # test or train
                      batch_size: int = 100,            # images per batch
-                     max_examples: int = None,         # evaluate a seeded random subset of this many images
-                     weights: str = 'model.safetensors',  # weights file, relative to RUN_DIR (default: the final, EMA when on)
-                     data_dir: str = None,             # data directory (default: $HVAE_DATA, else ~/.cache/hvae_nb)
-                     seed: int = 0,                    # seed for the subset and the importance samples
-                     max_batch: int = 2048,            # images per forward pass when importance sampling
+                     max_examples: int = None,         # evaluate a random subset (seeded)
+                     weights: str = 'model.safetensors', # file in RUN_DIR (final; EMA if on)
+                     data_dir: str = None,             # default: $HVAE_DATA, else ~/.cache/hvae_nb
+                     seed: int = 0,                    # seeds the subset and the sampling
+                     max_batch: int = 2048,            # images per pass when importance sampling
                      device: str = None,               # cpu or cuda (default: cuda when available)
                      no_figures: store_true = False,   # skip the figures
                      no_progress: store_true = False): # hide the progress bar
-    "Evaluate a trained run: IW-NLL, negative ELBO, KL and active units per group; writes RUN_DIR/eval.json and RUN_DIR/figures/."
-    result = evaluate_run(run_dir, k=k, split=split, batch_size=batch_size, max_examples=max_examples, weights=weights,
-                          data_dir=data_dir, seed=seed, max_batch=max_batch, device=device, figures=not no_figures,
+    """Evaluate a trained run: IW-NLL, negative ELBO, KL and active units per group; writes
+    RUN_DIR/eval.json and RUN_DIR/figures/."""
+    result = evaluate_run(run_dir, k=k, split=split, batch_size=batch_size,
+                          max_examples=max_examples, weights=weights, data_dir=data_dir, seed=seed,
+                          max_batch=max_batch, device=device, figures=not no_figures,
                           progress=not no_progress)
     print(summary_line(result))
     return result
 
 def summary_line(result: dict) -> str:
     "What a person wants from an evaluation at a glance; the rest is in eval.json."
-    subset = f"{result['num_examples']} of {result['split_size']}" if result['num_examples'] < result['split_size'] \
-        else f"all {result['num_examples']}"
+    count, size = result['num_examples'], result['split_size']
+    subset = f"{count} of {size}" if count < size else f"all {count}"
     return (f"{result['preset']}: {result['split']} NLL {result['nll_nats']:.2f} nats "
-            f"({result['nll_bits_per_dim']:.4f} bits/dim), -ELBO {result['neg_elbo_nats']:.2f}, IW k={result['k']} on "
-            f"{subset} images; KL per group (bottom -> top) "
+            f"({result['nll_bits_per_dim']:.4f} bits/dim), -ELBO {result['neg_elbo_nats']:.2f}, "
+            f"IW k={result['k']} on {subset} images; KL per group (bottom -> top) "
             f"{', '.join(f'{v:.1f}' for v in result['kl_per_group_nats'])}; active units "
             f"{result['active_units']['total_beyond_prior']} beyond the prior; "
             f"written to {Path(result['run_dir']) / 'eval.json'}")
@@ -221,7 +252,8 @@ def summary_line(result: dict) -> str:
 # %% ../nbs/12_evaluate.ipynb #091ce69d
 def main(argv: list[str] | None = None):
     "Entry point of `python -m hvae_nb.evaluate`."
-    kwargs = parse_arguments(evaluate_command, 'hvae_nb.evaluate', sys.argv[1:] if argv is None else argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    kwargs = parse_arguments(evaluate_command, 'hvae_nb.evaluate', arguments)
     matplotlib.use('Agg')
     run_command('hvae_nb.evaluate', evaluate_command, kwargs, (RunError, ConfigError, DataError))
 

@@ -10,16 +10,19 @@ from dataclasses import dataclass
 from typing import ClassVar
 import torch
 from torch import nn, Tensor
-from .distributions import DiagonalGaussian, gaussian_params, make_likelihood, sum_except_batch
-from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, check_sizes, check_positive_ints,
-                         check_choice, invalid)
+from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood,
+                                   sum_except_batch)
+from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, check_sizes,
+                         check_positive_ints, check_choice, invalid)
 from .residual_normal import residual_posterior
 
 # %% ../nbs/03_lvae.ipynb #25dde146
 def precision_weighted(estimate: DiagonalGaussian, prior: DiagonalGaussian) -> DiagonalGaussian:
-    "The normalised product of two diagonal Gaussians: precisions add, means are precision-weighted (Sønderby et al., 2016)."
+    """The normalised product of two diagonal Gaussians: precisions add, means are
+    precision-weighted (Sønderby et al., 2016)."""
     log_precision_estimate, log_precision_prior = -2 * estimate.log_scale, -2 * prior.log_scale
-    weight = torch.sigmoid(log_precision_estimate - log_precision_prior)      # tau_hat / (tau_hat + tau_p)
+    # tau_hat / (tau_hat + tau_p)
+    weight = torch.sigmoid(log_precision_estimate - log_precision_prior)
     mean = weight * estimate.mean + (1 - weight) * prior.mean
     log_scale = -0.5 * torch.logaddexp(log_precision_estimate, log_precision_prior)
     return DiagonalGaussian(mean, log_scale)
@@ -27,13 +30,14 @@ def precision_weighted(estimate: DiagonalGaussian, prior: DiagonalGaussian) -> D
 # %% ../nbs/03_lvae.ipynb #8f62cad1
 @dataclass(frozen=True)
 class LVAEConfig(ModelConfig):
-    "A Ladder VAE (Sønderby et al., 2016). `latent_dims` and `hidden_dims` run from the bottom (next to x) to the top."
+    """A Ladder VAE (Sønderby et al., 2016). `latent_dims` and `hidden_dims` run from the bottom
+    (next to x) to the top."""
     latent_dims: tuple = (64, 32, 16, 8, 4)       # z_1 (bottom) ... z_L (top)
-    hidden_dims: tuple = (512, 256, 128, 64, 32)  # width of the MLPs between layer l-1 (or x) and layer l
+    hidden_dims: tuple = (512, 256, 128, 64, 32)  # width of the MLPs between layer l-1 (or x) and l
     layers_per_block: int = 2                     # linear layers per MLP (two in the paper)
     batch_norm: bool = True
-    posterior: str = 'precision_weighted'         # or 'residual' (NVAE's residual normal, chapter 04)
-    inference: str = 'ladder'                     # or 'bottom_up': the paper's hierarchical-VAE baseline
+    posterior: str = 'precision_weighted'         # or 'residual' (NVAE's residual normal, ch. 04)
+    inference: str = 'ladder'                     # or 'bottom_up': the paper's baseline
     family: ClassVar[str] = 'lvae'
 
     def validate(self):
@@ -47,15 +51,17 @@ class LVAEConfig(ModelConfig):
             raise invalid(self, 'hidden_dims', f"the same length as latent_dims {self.latent_dims} "
                                                "(one MLP per latent layer)")
         if self.inference == 'bottom_up' and self.posterior == 'residual':
-            raise invalid(self, 'posterior', "'precision_weighted' when inference='bottom_up' (the residual "
-                                             "posterior needs inference='ladder': bottom-up inference draws z_l "
-                                             "before its prior is known)")
+            raise invalid(self, 'posterior',
+                          "'precision_weighted' when inference='bottom_up' (the residual "
+                          "posterior needs inference='ladder': bottom-up inference draws z_l "
+                          "before its prior is known)")
 
     def build(self) -> 'LadderVAE': return LadderVAE(self)
 
 # %% ../nbs/03_lvae.ipynb #957687a0
 def mlp_block(width_in: int, width: int, layers: int = 2, batch_norm: bool = True) -> nn.Sequential:
-    "`layers` x (Linear -> BatchNorm -> LeakyReLU(0.1)): the deterministic units between two latent layers."
+    """`layers` x (Linear -> BatchNorm -> LeakyReLU(0.1)): the deterministic units between two
+    latent layers."""
     modules = []
     for i in range(layers):
         modules.append(nn.Linear(width_in if i == 0 else width, width))
@@ -64,7 +70,8 @@ def mlp_block(width_in: int, width: int, layers: int = 2, batch_norm: bool = Tru
     return nn.Sequential(*modules)
 
 class GaussianHead(nn.Module):
-    "A linear map to a mean and a soft-clamped log-scale (or, for a residual posterior, to their corrections)."
+    """A linear map to a mean and a soft-clamped log-scale (or, for a residual posterior, to their
+    corrections)."""
     def __init__(self, width: int, dim: int):
         super().__init__()
         self.linear = nn.Linear(width, 2 * dim)
@@ -73,29 +80,36 @@ class GaussianHead(nn.Module):
 
 # %% ../nbs/03_lvae.ipynb #63411557
 class LadderVAE(HierarchicalVAE):
-    "Ladder VAE (Sønderby et al., 2016), or with `inference='bottom_up'` the hierarchical VAE it is compared with."
+    """Ladder VAE (Sønderby et al., 2016), or with `inference='bottom_up'` the hierarchical VAE it
+    is compared with. Layer indices in the code start at 0: layer 0 is z_1, next to x."""
     def __init__(self, config: LVAEConfig):
         super().__init__()
         self.config = config
         c, h, w = config.image_shape
         dims, widths = config.latent_dims, config.hidden_dims
-        block = lambda width_in, width: mlp_block(width_in, width, config.layers_per_block, config.batch_norm)
+        block = lambda width_in, width: mlp_block(width_in, width, config.layers_per_block,
+                                                  config.batch_norm)
         self.likelihood = make_likelihood(config.likelihood, config.num_mixtures)
         ladder = config.inference == 'ladder'
-        # inference: a ladder reads d_{l-1} (deterministic), the bottom-up baseline reads the sample z_{l-1}
+        # inference: a ladder reads d_{l-1} (deterministic), the bottom-up baseline the sample
+        # z_{l-1}
         inputs = (c * h * w, *(widths[:-1] if ladder else dims[:-1]))
         self.bottom_up_blocks = nn.ModuleList(block(i, o) for i, o in zip(inputs, widths))
         self.posterior_heads = nn.ModuleList(GaussianHead(o, d) for o, d in zip(widths, dims))
-        # generation (shared with a ladder's inference): p(z_l | z_{l+1}) for every layer but the top, then p(x | z_1)
-        self.top_down_blocks = nn.ModuleList(block(dims[l + 1], widths[l + 1]) for l in range(len(dims) - 1))
-        self.prior_heads = nn.ModuleList(GaussianHead(widths[l + 1], dims[l]) for l in range(len(dims) - 1))
+        # generation (shared with a ladder's inference): p(z_l | z_{l+1}) for every layer but the
+        # top, then p(x | z_1)
+        below_top = range(len(dims) - 1)
+        self.top_down_blocks = nn.ModuleList(block(dims[l + 1], widths[l + 1]) for l in below_top)
+        self.prior_heads = nn.ModuleList(GaussianHead(widths[l + 1], dims[l]) for l in below_top)
         params = self.likelihood.num_params(c)
-        self.decoder = nn.Sequential(block(dims[0], widths[0]), nn.Linear(widths[0], params * h * w),
+        self.decoder = nn.Sequential(block(dims[0], widths[0]),
+                                     nn.Linear(widths[0], params * h * w),
                                      nn.Unflatten(1, (params, h, w)))
         # the variants, chosen once: how the posteriors are formed
         self.features = self.ladder_estimates if ladder else self.flatten
         self.posteriors = self.ladder_posteriors if ladder else self.bottom_up_posteriors
-        self.merge = self.residual_merge if config.posterior == 'residual' else self.precision_weighted_merge
+        residual = config.posterior == 'residual'
+        self.merge = self.residual_merge if residual else self.precision_weighted_merge
 
     @property
     def latent_shapes(self) -> list[tuple]: return [(d,) for d in self.config.latent_dims]
@@ -111,29 +125,34 @@ class LadderVAE(HierarchicalVAE):
     def flatten(self, x: Tensor) -> Tensor: return x.flatten(1)
 
     def ladder_estimates(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
-        "A ladder's deterministic pass: per layer, the bottom-up (mean, log-scale), or (shift, log-factor) if residual."
+        """A ladder's deterministic pass: per layer, bottom to top, the bottom-up (mean, log-scale),
+        or (shift, log-factor) for a residual posterior."""
         h, estimates = x.flatten(1), []
         for block, head in zip(self.bottom_up_blocks, self.posterior_heads):
             h = block(h)
             estimates.append(head(h))
         return estimates
 
-    def precision_weighted_merge(self, layer: int, estimate, prior: DiagonalGaussian) -> DiagonalGaussian:
+    def precision_weighted_merge(self, layer: int, estimate,
+                                 prior: DiagonalGaussian) -> DiagonalGaussian:
         "The ladder's posterior (Sønderby et al., 2016); the top layer's is the estimate itself."
         if layer == self.num_groups - 1: return DiagonalGaussian(*estimate)
         return precision_weighted(DiagonalGaussian(*estimate), prior)
 
     def residual_merge(self, layer: int, estimate, prior: DiagonalGaussian) -> DiagonalGaussian:
-        "NVAE's residual normal relative to the prior (chapter 04); at the top, relative to N(0, I)."
+        "NVAE's residual normal relative to the prior (ch. 04); at the top, relative to N(0, I)."
         return residual_posterior(prior, *estimate)
 
     def ladder_posteriors(self, estimates, use_mean: bool):
         "q(z_l | z_>l, x) of a ladder: the merge of the layer's bottom-up estimate with its prior."
-        return lambda layer, prior: Group.draw(prior, self.merge(layer, estimates[layer], prior), use_mean)
+        def posterior(layer: int, prior: DiagonalGaussian) -> Group:
+            return Group.draw(prior, self.merge(layer, estimates[layer], prior), use_mean)
+        return posterior
 
     def bottom_up_posteriors(self, h: Tensor, use_mean: bool):
-        """The baseline's inference q(z_1 | x) q(z_2 | z_1) ...: drawn first, bottom to top; the KL of a layer
-        below the top then has no closed form, so its group carries log q for the one-sample estimate."""
+        """The baseline's inference q(z_1 | x) q(z_2 | z_1) ...: drawn first, bottom to top; the KL
+        of a layer below the top then has no closed form, so its group carries log q for the
+        one-sample estimate."""
         drawn = []
         for block, head in zip(self.bottom_up_blocks, self.posterior_heads):
             q = DiagonalGaussian(*head(block(h)))
@@ -146,11 +165,12 @@ class LadderVAE(HierarchicalVAE):
             return Group(z, prior, q, log_q)
         return posterior
 
-    def top_down(self, features, batch: int, keep: int, temperature: float = 1.0, use_mean: bool = False) -> Walk:
+    def top_down(self, features, batch: int, keep: int, temperature: float = 1.0,
+                 use_mean: bool = False) -> Walk:
         L = self.num_groups
         posterior = self.posteriors(features, use_mean) if keep > 0 else None
         groups = [None] * L
-        for layer in reversed(range(L)):
+        for layer in reversed(range(L)):    # from the top, z_L, down to z_1
             prior = self.prior(layer, groups[layer + 1].z if layer < L - 1 else None, batch)
             groups[layer] = (posterior(layer, prior) if layer >= L - keep
                              else Group.draw(prior, None, use_mean, temperature))

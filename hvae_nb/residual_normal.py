@@ -11,24 +11,30 @@ from torch import Tensor
 from .distributions import DiagonalGaussian
 
 # %% ../nbs/04_residual_normal.ipynb #9df57f20
-def residual_normal_kl(delta_mean: Tensor, delta_log_scale: Tensor, prior_log_scale: Tensor) -> Tensor:
-    """Elementwise KL( N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)) || N(mu_p, sigma_p) ) in nats:
-    1/2 (delta_mean^2 / sigma_p^2 + delta_sigma^2 - log delta_sigma^2 - 1) (NVAE, Sec. 3.2). mu_p cancels."""
+def residual_normal_kl(delta_mean: Tensor, delta_log_scale: Tensor,
+                       prior_log_scale: Tensor) -> Tensor:
+    """Elementwise KL( N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)) || N(mu_p, sigma_p) ) in
+    nats: 1/2 (delta_mean^2 / sigma_p^2 + delta_sigma^2 - log delta_sigma^2 - 1) (NVAE, Sec. 3.2).
+    mu_p cancels."""
     mean_term = (delta_mean * torch.exp(-prior_log_scale)) ** 2
     # expm1: delta_sigma^2 - 1 without cancellation when the posterior scale is close to the prior's
     return 0.5 * (mean_term + torch.expm1(2 * delta_log_scale)) - delta_log_scale
 
 class ResidualNormal(DiagonalGaussian):
-    "The posterior N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)) of NVAE, built on top of its `prior`."
+    "NVAE's posterior N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)), built on its `prior`."
     def __init__(self, prior: DiagonalGaussian, delta_mean: Tensor, delta_log_scale: Tensor):
         super().__init__(prior.mean + delta_mean, prior.log_scale + delta_log_scale)
         self.prior, self.delta_mean, self.delta_log_scale = prior, delta_mean, delta_log_scale
 
     def kl(self, other: DiagonalGaussian) -> Tensor:
-        "Against its own prior: the closed form in the encoder's outputs; against anything else: the general KL."
-        if other is self.prior: return residual_normal_kl(self.delta_mean, self.delta_log_scale, self.prior.log_scale)
+        """Against its own prior: the closed form in the encoder's outputs; against anything else:
+        the general KL."""
+        if other is self.prior:
+            return residual_normal_kl(self.delta_mean, self.delta_log_scale, self.prior.log_scale)
         return super().kl(other)
 
-def residual_posterior(prior: DiagonalGaussian, delta_mean: Tensor, delta_log_scale: Tensor) -> ResidualNormal:
-    "q = N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)): the encoder corrects the prior instead of replacing it."
+def residual_posterior(prior: DiagonalGaussian, delta_mean: Tensor,
+                       delta_log_scale: Tensor) -> ResidualNormal:
+    """q = N(mu_p + delta_mean, sigma_p * exp(delta_log_scale)): the encoder corrects the prior
+    instead of replacing it."""
     return ResidualNormal(prior, delta_mean, delta_log_scale)

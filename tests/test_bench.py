@@ -1,6 +1,7 @@
 """`python -m hvae_nb.bench`: the JSON lines and the table, and sane numbers. Timings depend on the machine and on
-whatever else runs on it, so no test asserts one: only that throughputs are positive, FLOPs are what the architecture
-implies, and the utilisation is a fraction."""
+whatever else runs on it, so no test asserts one: throughputs are positive, FLOPs are what the architecture implies,
+the utilisation is a fraction and follows from the architecture's FLOPs; the timing itself is checked on a call of
+known duration, and the MFU on a throughput and a peak set by the test."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -56,10 +57,34 @@ def test_json_lines(two_presets):
         assert all(v > 0 for v in r['train_images_per_s_repeats'] + r['sample_images_per_s_repeats'])
         assert min(r['train_images_per_s_repeats']) <= r['train_images_per_s'] <= max(r['train_images_per_s_repeats'])
         assert 0 < r['mfu'] <= 1, r['mfu']
-        assert r['mfu'] == pytest.approx(r['flops_per_step'] * r['train_images_per_s'] / 32 / r['matmul_peak_flops_per_s'])
     vae = results[0]
-    assert vae['flops_per_step'] == mlp_vae_training_flops(get_preset('vae_digits').model, 32)
-    assert vae['flops_per_image'] == vae['flops_per_step'] / 32
+    architecture_flops = mlp_vae_training_flops(get_preset('vae_digits').model, 32)
+    assert vae['flops_per_step'] == architecture_flops
+    assert vae['flops_per_image'] == architecture_flops / 32
+    # FLOPs from the architecture's formula x the measured steps per second / the measured peak
+    steps_per_s = vae['train_images_per_s'] / 32
+    assert vae['mfu'] == pytest.approx(architecture_flops * steps_per_s / vae['matmul_peak_flops_per_s'])
+
+
+def test_throughput_of_a_call_of_known_duration():
+    "A call that sleeps 20 ms and carries 32 images runs at most 1600 images/s, and not far below on any machine."
+    import time
+    result = bench.measure_throughput(lambda: time.sleep(0.02), 32, torch.device('cpu'), steps=5, repeats=3,
+                                      warmup=1, budget_s=2.0)
+    assert len(result.repeats) == 3 and result.calls_per_repeat >= 5
+    assert 0.5 * 1600 < result.images_per_s <= 1600, result
+
+
+def test_mfu_from_a_known_throughput_and_peak(monkeypatch):
+    "With the clock's answers fixed by the test, the MFU is the architecture's FLOPs x steps per second / peak."
+    def known_throughput(call, images_per_call, *args, **kwargs):
+        return bench.Throughput(images_per_s=1000.0, repeats=[1000.0], calls_per_repeat=1, first_call_s=0.0)
+    monkeypatch.setattr(bench, 'measure_throughput', known_throughput)
+    monkeypatch.setattr(bench, 'matmul_peak_flops', lambda device: 2e11)
+    result = bench.benchmark_preset(get_preset('vae_digits'), batch_size=16, device='cpu')
+    flops = mlp_vae_training_flops(get_preset('vae_digits').model, 16)
+    assert result['mfu'] == pytest.approx(flops * (1000.0 / 16) / 2e11)
+    assert result['achieved_flops_per_s'] == pytest.approx(flops * 1000.0 / 16)
 
 
 def test_table(two_presets):

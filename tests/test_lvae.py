@@ -71,21 +71,45 @@ def test_presets_are_registered():
     assert MODEL_FAMILIES['lvae'] is LVAEConfig
     assert get_preset('lvae_digits').model.family == 'lvae'
     paper = get_preset('lvae_mnist')
+    # Sønderby et al. (2016), MNIST: layers of 64-32-16-8-4 units under MLPs of 512-256-128-64-32, Adam at 1e-3,
+    # batches of 256, 2000 epochs of MNIST's 60,000 training images, the KL warmed up over the first 200
     assert paper.model.latent_dims == (64, 32, 16, 8, 4) and paper.model.hidden_dims == (512, 256, 128, 64, 32)
-    assert (paper.train.batch_size, paper.train.lr, paper.train.max_steps, paper.train.kl_warmup_steps) == (256, 1e-3, 468_750, 46_875)
+    assert (paper.train.batch_size, paper.train.lr) == (256, 1e-3)
+    steps_per_epoch = 60_000 / paper.train.batch_size
+    assert paper.train.max_steps == round(2000 * steps_per_epoch)
+    assert paper.train.kl_warmup_steps == round(200 * steps_per_epoch)
+    # the one-hour recipe (chapter 03): the same model, a cosine from 1e-3 down to 2e-5, EMA 0.999, 60 minutes
     hour = get_preset('lvae_mnist_hour')
     assert hour.model == paper.model and hour.dataset == 'binarized_mnist'
-    assert (hour.train.max_steps, hour.train.max_minutes, hour.train.min_lr_ratio, hour.train.ema_decay) == (45_000, 60, 0.02, 0.999)
+    assert hour.train.min_lr_ratio == pytest.approx(2e-5 / hour.train.lr) and hour.train.lr == paper.train.lr
+    assert (hour.train.max_minutes, hour.train.ema_decay) == (60, 0.999)
 
 
 def test_diagnostics_through_the_interface():
+    "The batched diagnostics agree with a direct computation on the whole set, in eval mode, for every variant."
     torch.manual_seed(0)
-    model = SMALL.build().train()
     images = torch.bernoulli(torch.rand(64, 1, 8, 8))
-    kl = kl_per_group(model, images, batch_size=20)
-    active = active_units(model, images, batch_size=20)
-    assert kl.shape == (3,) and active.sizes == [6, 4, 2] and 0 <= active.total <= 12
-    assert model.training  # mode restored
+    for config in (SMALL, replace(SMALL, posterior='residual'), replace(SMALL, inference='bottom_up')):
+        model = config.build().train()
+        with torch.no_grad(): model(images)          # batch norm's running statistics move away from their start
+        kl = kl_per_group(model, images, batch_size=20)
+        model.eval()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            direct_kl = torch.stack([model.trace(images).kl.mean(0) for _ in range(200)]).mean(0)
+            q_means, p_means = model.latent_means(images)
+        model.train()
+        # one sample per image against the mean of 200: equal within a few standard errors, per group
+        assert torch.allclose(kl, direct_kl, rtol=0.1, atol=0.05), (config, kl, direct_kl)
+        variances = [m.var(0) for m in q_means]
+        threshold = torch.cat(variances).median().item()     # a threshold that splits the units
+        active = active_units(model, images, batch_size=20, threshold=threshold)
+        assert active.sizes == [6, 4, 2] and 0 < active.total < 12
+        assert active.per_group == [int((v > threshold).sum()) for v in variances]
+        beyond = [(q - p).var(0) for q, p in zip(q_means, p_means)]
+        assert active.per_group_beyond_prior == [int((v > threshold).sum()) for v in beyond]
+        for found, expected in zip(active.variances, variances): assert torch.allclose(found, expected, atol=1e-6)
+        assert model.training  # mode restored
 
 
 def test_a_collapsed_group_is_active_by_burda_but_not_beyond_its_prior():
