@@ -230,14 +230,13 @@ def official_flags(config: NVAEConfig) -> dict:
 def _official_alias(name: str) -> str:
     "The last part of the official name of our tensor `name`."
     last = name.rpartition('.')[2]
-    # chapter 07's gains are the official `log_weight_norm`s
-    return {'log_gain': 'log_weight_norm', 'top_features': 'prior_ftr0'}.get(last, last)
+    return {'top_features': 'prior_ftr0'}.get(last, last)
 
 def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
                     source) -> dict[str, Tensor]:
     """Our state dict from an official NVAE one, whose keys and shapes must be those of the model's
-    official twin (`official_nvae_state`), else a RunError naming the first that is not. The flow
-    cells' masks and the spectral regulariser's vectors keep the model's own values."""
+    official twin (`official_nvae_state`), else a RunError naming the first that is not. The spectral
+    regulariser's vectors keep the model's own values."""
     expected = dict(official_nvae_state(official_flags(model.config)))
     hint = "is the preset the checkpoint's?"
     missing = [key for key in expected if key not in official]
@@ -255,7 +254,7 @@ def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
     state = dict(ours)
     under = lambda names, prefix: [n for n in names if n == prefix or n.startswith(prefix + '.')]
     for mine, theirs in [('top_features', 'prior_ftr0')] + nvae_module_names(model.config):
-        names = [n for n in under(ours, mine) if not n.endswith('.mask')]
+        names = under(ours, mine)
         keys = under(expected, theirs)
         # the same tensors in the same order (chapter 05): a mismatch is a bug of the converter
         assert [_official_alias(n) for n in names] == [k.rpartition('.')[2] for k in keys], mine

@@ -6,7 +6,7 @@
 __all__ = ['channel_order_mask', 'channel_raster_mask', 'MaskedConv2d', 'AutoregressiveFlow', 'IAFStep', 'NVAEFlowCell',
            'FlowPair', 'flow_posterior_sample', 'flow_log_prob']
 
-# %% ../nbs/07_iaf.ipynb #25200f5b
+# %% ../nbs/07_iaf.ipynb #2747d5bc
 import math
 from typing import Sequence
 import torch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .distributions import DiagonalGaussian, sum_except_batch
 
-# %% ../nbs/07_iaf.ipynb #1e3f0115
+# %% ../nbs/07_iaf.ipynb #1183a102
 def channel_order_mask(in_channels: int, out_channels: int, include_centre: bool) -> Tensor:
     """(out, in) 0/1 mask of the centre tap: the input channels an output channel may read at its
     own pixel. The wider side's channels come in equal blocks, one per channel of the narrower
@@ -45,11 +45,11 @@ def channel_raster_mask(in_channels: int, out_channels: int, kernel_size: int, i
     mask[:, :, centre, centre] = centre_tap
     return mask.flip(2, 3) if reverse else mask
 
-# %% ../nbs/07_iaf.ipynb #fcda452e
+# %% ../nbs/07_iaf.ipynb #3b3f09ed
 class MaskedConv2d(nn.Conv2d):
     """A weight-normalised convolution with an autoregressive kernel mask (`channel_raster_mask`)
-    and "same" padding: the kernel is exp(log_gain) * v / |v| per output channel, with
-    v = weight * mask."""
+    and "same" padding: the kernel is exp(log_weight_norm) * v / (|v| + 1e-5) per output channel,
+    with v = weight * mask."""
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, include_centre: bool,
                  depthwise: bool = False, reverse: bool = False, bias: bool = True,
                  init_scale: float = 1.0):
@@ -57,21 +57,22 @@ class MaskedConv2d(nn.Conv2d):
                          groups=in_channels if depthwise else 1, bias=bias)
         mask = channel_raster_mask(in_channels, out_channels, kernel_size, include_centre,
                                    depthwise, reverse)
-        self.register_buffer('mask', mask)
-        with torch.no_grad(): initial_norm = (self.weight * mask).flatten(1).norm(dim=1)
-        self.log_gain = nn.Parameter(torch.log(initial_norm + 1e-2) + math.log(init_scale))
+        # not saved with the weights: the constructor rebuilds it (nor does NVAE save its masks)
+        self.register_buffer('mask', mask, persistent=False)
+        initial_norm = (self.weight.detach() * mask).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        self.log_weight_norm = nn.Parameter(torch.log(initial_norm + 1e-2) + math.log(init_scale))
 
-    def masked_weight(self) -> Tensor:
-        "The kernel actually applied: masked, normalised per output channel, scaled by its gain."
+    def normalized_weight(self) -> Tensor:
+        "The kernel the convolution applies: masked, normalised per output channel, scaled."
         direction = self.weight * self.mask
         norm = direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        return torch.exp(self.log_gain).view(-1, 1, 1, 1) * direction / (norm + 1e-5)
+        return self.log_weight_norm.exp() * direction / (norm + 1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.masked_weight(), self.bias, padding=self.padding,
+        return F.conv2d(x, self.normalized_weight(), self.bias, padding=self.padding,
                         groups=self.groups)
 
-# %% ../nbs/07_iaf.ipynb #5c19a3bd
+# %% ../nbs/07_iaf.ipynb #fa2384c0
 class AutoregressiveFlow(nn.Module):
     """z -> a * z + b elementwise, with a_i and b_i functions of the dimensions before i only
     (raster order of pixels, channels within a pixel; reversed if `reverse`). A subclass gives
@@ -96,7 +97,7 @@ class AutoregressiveFlow(nn.Module):
             z = (y - shift) * torch.exp(-log_scale)
         return z
 
-# %% ../nbs/07_iaf.ipynb #a6a54a02
+# %% ../nbs/07_iaf.ipynb #25becd36
 class IAFStep(AutoregressiveFlow):
     """One IAF step (Kingma et al., 2016): (m, s) from a masked network of z and a context h,
     sigma = sigmoid(s), z <- sigma * z + (1 - sigma) * m, log-det = sum log sigma. The network:
@@ -130,7 +131,7 @@ class IAFStep(AutoregressiveFlow):
         # a = sigma, b = (1 - sigma) m, with 1 - sigmoid(s) = sigmoid(-s), log sigma = logsigmoid(s)
         return F.logsigmoid(gate_logit), torch.sigmoid(-gate_logit) * mean
 
-# %% ../nbs/07_iaf.ipynb #23b14723
+# %% ../nbs/07_iaf.ipynb #9e863bb0
 class NVAEFlowCell(AutoregressiveFlow):
     """NVAE's flow cell: z <- z - mu(z), volume preserving and unconditioned; mu = masked 1x1 conv
     of ELU(ELU(masked depthwise 5x5 conv of ELU(masked 3x3 conv of z, centre excluded))), with
@@ -174,7 +175,7 @@ class FlowPair(nn.Module):
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         return self.first.inverse(self.second.inverse(y, context), context)
 
-# %% ../nbs/07_iaf.ipynb #96facfc3
+# %% ../nbs/07_iaf.ipynb #715c22df
 def flow_posterior_sample(posterior: DiagonalGaussian, flows: Sequence[nn.Module],
                           context: Tensor | None = None, use_mean: bool = False):
     """z from `posterior` (its mean if `use_mean`) pushed through `flows`, and log q(z) per example

@@ -10,7 +10,6 @@ __all__ = ['SOFT_CLAMP_BOUND', 'SCALE_FLOOR', 'groups_per_scale', 'nvae_normal',
 # %% ../nbs/08_nvae.ipynb #14507183
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import ClassVar
 import torch
 import torch.nn.functional as F
@@ -167,13 +166,11 @@ def kl_balance_weights(kl: Tensor, sizes: Tensor) -> Tensor:
 
 # %% ../nbs/08_nvae.ipynb #d3c98f85
 def convolution_kernels(model: nn.Module) -> list[nn.Module]:
-    """The layers NVAE's spectral regularisation reads (chapter 06): every convolution —
-    weight-normalised or plain, the flow cells' masked ones — through the kernel it applies; no
-    linear layer (SE's)."""
-    layers = regularised_layers(model, kinds=(nn.Conv2d,))
-    # a flow cell's convolution applies its masked, normalised kernel (chapter 07): read that one
-    return [SimpleNamespace(effective_weight=layer.masked_weight) if hasattr(layer, 'masked_weight')
-            else layer for layer in layers]
+    """The layers NVAE's spectral regularisation reads (chapter 06): every convolution, through the
+    kernel it applies — weight-normalised (chapter 05's, and the flow cells' masked ones of chapter
+    07, both read through `normalized_weight`) or plain (inside the decoder cells); no linear layer
+    (SE's), as the official code collects its `Conv2D`s and `ARConv2d`s only."""
+    return regularised_layers(model, kinds=(nn.Conv2d,))
 
 # %% ../nbs/08_nvae.ipynb #a7863503
 class NVAE(HierarchicalVAE):

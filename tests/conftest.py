@@ -1,4 +1,8 @@
-"Fixtures shared by the docs checks (tests/test_docs.py, tests/test_site_browser.py): one processing, one rendering."
+"""Fixtures shared by the docs checks (tests/test_docs.py, tests/test_site_browser.py): one processing, one rendering.
+
+The README's test command runs the files on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each file is one
+group, so its module fixtures (a trained run, a rendered site) are built once, on one worker; the two docs files
+share a group, so the site is processed and rendered once for both."""
 import shutil
 
 import pytest
@@ -24,3 +28,13 @@ def processed(tmp_path_factory):
 def site(processed, pandoc) -> RenderedSite:
     "The chapters' pages, rendered by pandoc into the processed copy's `_proc/`, once for both checks."
     return RenderedSite(processed, pandoc)
+
+
+SHARED_GROUPS = {'test_docs.py': 'site', 'test_site_browser.py': 'site'}
+
+
+def pytest_collection_modifyitems(config, items):
+    "One xdist group per test file (the docs files share one): a file's fixtures are built on one worker only."
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))

@@ -12,5 +12,5 @@ def test_readme_is_generated_from_index():
 def test_readme_test_command_is_what_ci_runs():
     "The README's test command appears verbatim in .ci/run."
     readme, ci = (ROOT / 'README.md').read_text(), (ROOT / '.ci' / 'run').read_text()
-    command = 'nbdev_test && pytest tests'
+    command = 'nbdev_test && pytest -n 2 --dist loadgroup tests'
     assert command in readme and command in ci
