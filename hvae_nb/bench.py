@@ -31,10 +31,12 @@ def synthetic_images(preset: Preset, batch_size: int, device, seed: int = 0) -> 
     images = torch.bernoulli(grey, generator=generator) if preset.model.likelihood == 'bernoulli' else torch.round(grey * 255) / 255
     return images.to(device)
 
-def make_training_step(model, preset: Preset, images: torch.Tensor, compiled: bool = False):
-    "A call taking one optimiser step on `images` with the trainer's `train_step`; `compiled` wraps the model."
+def make_training_step(model, preset: Preset, images: torch.Tensor, compiled: bool = False,
+                       mixed_precision: str = 'no'):
+    """A call taking one optimiser step on `images` with the trainer's `train_step`; `compiled` wraps the model,
+    `mixed_precision` ('no', 'fp16', 'bf16') is the Accelerator's, as `train --mixed-precision`."""
     train = replace(preset.train, batch_size=len(images), grad_accum=1)
-    accelerator = Accelerator(cpu=images.device.type == 'cpu')
+    accelerator = Accelerator(cpu=images.device.type == 'cpu', mixed_precision=mixed_precision)
     prepared, optimizer = accelerator.prepare(model, make_optimizer(model, train))
     forward = torch.compile(prepared) if compiled else prepared
     steps, binarize = itertools.count(), preset.model.likelihood == 'bernoulli'
@@ -121,7 +123,8 @@ def make_sampling_call(model, batch_size: int):
 
 def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int = 5, repeats: int = 3, warmup: int = 2,
                      compiled: bool = False, channels_last: bool = False, device: str | None = None,
-                     budget_s: float = 5.0, threads: int | None = None, seed: int = 0) -> dict:
+                     budget_s: float = 5.0, threads: int | None = None, seed: int = 0,
+                     mixed_precision: str = 'no') -> dict:
     "Throughput, memory, FLOPs and MFU of one preset's training step and sampling, at `batch_size` (default: the preset's)."
     device = torch.device(device or default_device())
     if threads: torch.set_num_threads(threads)
@@ -131,7 +134,7 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
     baseline = peak_memory_bytes(device)
     model, images = prepare_model(preset, synthetic_images(preset, batch_size, device, seed), device, channels_last)
     flops = training_flops(model, images)
-    step = make_training_step(model, preset, images, compiled)
+    step = make_training_step(model, preset, images, compiled, mixed_precision)
     train = measure_throughput(step, batch_size, device, steps, repeats, warmup, budget_s)
     model.eval()
     sample = measure_throughput(make_sampling_call(model, batch_size), batch_size, device, steps, repeats, warmup, budget_s)
@@ -141,6 +144,7 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
     return dict(preset=preset.name, status='ok', device=device.type, device_name=device_name(device), torch=torch.__version__,
                 parameters=sum(p.numel() for p in model.parameters()), batch_size=batch_size,
                 image_shape=list(preset.model.image_shape), compile=compiled, channels_last=channels_last,
+                mixed_precision=mixed_precision,
                 threads=torch.get_num_threads(),
                 train_images_per_s=train.images_per_s, train_images_per_s_repeats=train.repeats,
                 train_steps_per_repeat=train.calls_per_repeat, first_step_s=train.first_call_s,
@@ -164,7 +168,8 @@ def benchmark_or_report(preset: Preset, **options) -> dict:
 
 # %% ../nbs/13_bench.ipynb #a2377a87
 WORKER_FLAGS = dict(batch_size='--batch-size', steps='--steps', repeats='--repeats', warmup='--warmup', compiled='--compile',
-                    channels_last='--channels-last', device='--device', budget_s='--budget', threads='--threads')
+                    channels_last='--channels-last', device='--device', budget_s='--budget', threads='--threads',
+                    mixed_precision='--mixed-precision')
 
 def worker_arguments(options: dict) -> list[str]:
     "The command-line form of `benchmark_preset`'s options, for a worker process."
@@ -211,7 +216,10 @@ def format_table(results: list[dict]) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/13_bench.ipynb #0dcfb769
-def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int, budget: float, device, threads):
+def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int, budget: float, device, threads,
+                        mixed_precision: str = 'no'):
+    if mixed_precision not in ('no', 'fp16', 'bf16'):
+        raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {mixed_precision!r}")
     for name in names: get_preset(name)
     for option, value in dict(steps=steps, repeats=repeats, budget=budget).items():
         if value <= 0: raise ConfigError(f"--{option} must be positive, got {value}")
@@ -239,14 +247,16 @@ def bench_command(presets: Param("presets to measure (default: every preset)", s
                   threads: int = None,          # PyTorch CPU threads (default: PyTorch's choice)
                   compile: store_true = False,  # measure the model's forward under torch.compile
                   channels_last: store_true = False,  # channels-last memory layout for weights and images
+                  mixed_precision: str = 'no',  # no, fp16 or bf16: autocast in the training step, as train's option
                   out: str = None,              # write the JSON lines to this file instead of standard output
                   in_process: store_true = False,     # all presets in this process (peak RSS is then cumulative)
                   worker: str = None):          # (internal) measure this one preset and print its JSON line
     "Benchmark presets: throughput, peak memory, FLOPs and MFU, as JSON lines and a table."
     names = [worker] if worker else (presets or list(PRESETS))
-    check_bench_options(names, batch_size, steps, repeats, warmup, budget, device, threads)
+    check_bench_options(names, batch_size, steps, repeats, warmup, budget, device, threads, mixed_precision)
     options = dict(batch_size=batch_size, steps=steps, repeats=repeats, warmup=warmup, compiled=compile,
-                   channels_last=channels_last, device=device, budget_s=budget, threads=threads)
+                   channels_last=channels_last, device=device, budget_s=budget, threads=threads,
+                   mixed_precision=mixed_precision)
     if worker: print(json.dumps(benchmark_or_report(get_preset(worker), **options))); return
     sink, results = open_output(out), []
     for name in names:

@@ -27,11 +27,14 @@ def exit_with_error(program: str, message: str):
 def parse_arguments(command, program: str, argv: list[str], description: str | None = None) -> dict:
     "Parse `argv` into `command`'s keyword arguments; a usage error is one line and exit status 2."
     parser = anno_parser(command, prog=f'python -m {program}')
-    if description: parser.description, parser.formatter_class = description, argparse.RawDescriptionHelpFormatter
+    if description:
+        parser.description = description
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for action in parser._actions:                 # show and accept one spelling: --max-steps
         if action.option_strings and action.option_strings[0].startswith('--'):
             for old in action.option_strings: parser._option_string_actions.pop(old, None)
-            action.option_strings = [o.replace('_', '-') if o.startswith('--') else o for o in action.option_strings]
+            action.option_strings = [o.replace('_', '-') if o.startswith('--') else o
+                                     for o in action.option_strings]
             for new in action.option_strings: parser._option_string_actions[new] = action
     parser.error = lambda message: exit_with_error(program, message)
     args = vars(parser.parse_args(dashed_options(argv)))
@@ -39,8 +42,9 @@ def parse_arguments(command, program: str, argv: list[str], description: str | N
     return args
 
 def run_command(program: str, command, kwargs: dict, errors: tuple, quiet: bool = False):
-    """Call `command(**kwargs)`; an error of the kinds in `errors` (bad input: a flag, an override, a data file, a
-    path, a run directory, a checkpoint) or an OSError ends as one line on standard error and exit status 2."""
+    """Call `command(**kwargs)`; an error of the kinds in `errors` (bad input: a flag, an override,
+    a data file, a path, a run directory, a checkpoint) or an OSError ends as one line on standard
+    error and exit status 2."""
     try: return command(**kwargs)
     except (*errors, OSError) as e:
         message = str(e) if not isinstance(e, OSError) else \

@@ -13,8 +13,9 @@ from .vae import ConfigError
 from .presets import MODEL_FAMILIES, Preset, TrainConfig
 
 # %% ../nbs/10a_configs.ipynb #d4fa60c7
-ALIASES = {'learning_rate': 'lr', 'steps': 'max_steps', 'num_steps': 'max_steps', 'batch': 'batch_size',
-           'ema': 'ema_decay', 'warmup_steps': 'lr_warmup_steps', 'clip': 'grad_clip'}
+ALIASES = {'learning_rate': 'lr', 'steps': 'max_steps', 'num_steps': 'max_steps',
+           'batch': 'batch_size', 'ema': 'ema_decay', 'warmup_steps': 'lr_warmup_steps',
+           'clip': 'grad_clip'}
 
 def field_names(config) -> list[str]: return [f.name for f in fields(config)]
 
@@ -37,31 +38,38 @@ def parse_value(text: str, current, key: str):
             return tuple(number(type(current[0]) if current else int, p) for p in parts)
         return text
     except ValueError:
-        kind = f"tuple of {type(current[0]).__name__}" if isinstance(current, tuple) and current else \
-            type(current).__name__
+        nonempty_tuple = isinstance(current, tuple) and current
+        kind = f"tuple of {type(current[0]).__name__}" if nonempty_tuple else type(current).__name__
         raise ConfigError(f"override {key}={text!r}: expected a value of type {kind}") from None
 
 def unknown_override(key: str, preset: Preset) -> ConfigError:
-    "The error for a key that names no field, with the closest field or the alias it was probably meant as."
-    known = [f'model.{n}' for n in field_names(preset.model)] + [f'train.{n}' for n in field_names(preset.train)]
+    """The error for a key that names no field, with the closest field or the alias it was probably
+    meant as."""
+    known = ([f'model.{n}' for n in field_names(preset.model)]
+             + [f'train.{n}' for n in field_names(preset.train)])
     name = key.rpartition('.')[2]
     if name in ALIASES: hint = f" (did you mean 'train.{ALIASES[name]}'?)"
     else:
         close = difflib.get_close_matches(key, known + [k.split('.')[1] for k in known], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ''
-    return ConfigError(f"unknown override {key!r}{hint} for preset {preset.name!r}; its fields: {', '.join(known)}")
+    return ConfigError(f"unknown override {key!r}{hint} for preset {preset.name!r}; "
+                       f"its fields: {', '.join(known)}")
 
 def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
-    "A copy of `preset` with `overrides` ({'model.latent_dim': '16', 'lr': '3e-4', ...}) applied and checked."
+    """A copy of `preset` with `overrides` ({'model.latent_dim': '16', 'lr': '3e-4', ...}) applied
+    and checked."""
     changes = {'model': {}, 'train': {}}
     overrides = dict(overrides)
     dataset = overrides.pop('dataset', preset.dataset)
     for key, text in overrides.items():
         part, _, name = key.rpartition('.')
-        parts = [part] if part else [p for p in ('model', 'train') if name in field_names(getattr(preset, p))]
-        if part not in ('', 'model', 'train') or not parts or name not in field_names(getattr(preset, parts[0])):
+        parts = [part] if part else [p for p in ('model', 'train')
+                                     if name in field_names(getattr(preset, p))]
+        if (part not in ('', 'model', 'train') or not parts
+                or name not in field_names(getattr(preset, parts[0]))):
             raise unknown_override(key, preset)
-        if len(parts) > 1: raise ConfigError(f"override {key!r} is ambiguous: say model.{name} or train.{name}")
+        if len(parts) > 1:
+            raise ConfigError(f"override {key!r} is ambiguous: say model.{name} or train.{name}")
         current = getattr(getattr(preset, parts[0]), name)
         changes[parts[0]][name] = parse_value(text, current, key)
     return replace(preset, dataset=dataset, model=replace(preset.model, **changes['model']),
@@ -70,10 +78,12 @@ def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
 # %% ../nbs/10a_configs.ipynb #917b5645
 def preset_to_dict(preset: Preset) -> dict:
     return dict(name=preset.name, dataset=preset.dataset, description=preset.description,
-                model=dict(family=preset.model.family, **asdict(preset.model)), train=asdict(preset.train))
+                model=dict(family=preset.model.family, **asdict(preset.model)),
+                train=asdict(preset.train))
 
 def from_fields(cls, values: dict):
-    "Build configuration class `cls` from JSON values (the configuration turns lists back into tuples)."
+    """Build configuration class `cls` from JSON values (the configuration turns lists back into
+    tuples)."""
     unknown = set(values) - set(field_names(cls))
     if unknown: raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
     return cls(**values)
@@ -82,7 +92,8 @@ def preset_from_dict(d: dict) -> Preset:
     model = dict(d['model'])
     family = model.pop('family')
     if family not in MODEL_FAMILIES:
-        raise ConfigError(f"unknown model family {family!r}; known: {sorted(MODEL_FAMILIES)} (a family defined "
-                          "outside the package is made known with hvae_nb.presets.register_family)")
+        raise ConfigError(f"unknown model family {family!r}; known: {sorted(MODEL_FAMILIES)} "
+                          "(a family defined outside the package is made known with "
+                          "hvae_nb.presets.register_family)")
     return Preset(d['name'], d['dataset'], from_fields(MODEL_FAMILIES[family], model),
                   from_fields(TrainConfig, d['train']), d.get('description', ''))

@@ -8,7 +8,7 @@ __all__ = ['VDVAE_NAMES', 'CONVERTERS', 'NVAE_FLAGS', 'NVAE_FLAG_DEFAULTS', 'NVA
            'read_nvae_checkpoint', 'nvae_config', 'architecture_differences', 'nvae_preset', 'nvae_module_names',
            'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
 
-# %% ../nbs/14_convert.ipynb #8b09463f
+# %% ../nbs/14_convert.ipynb #8b148015
 import argparse, dataclasses, re, sys
 from pathlib import Path
 import torch
@@ -19,70 +19,81 @@ from .vae import ConfigError
 from .presets import PRESETS, Preset, get_preset
 from .nvae import NVAEConfig, official_nvae_state
 from .configs import apply_overrides
-from .runs import (RunError, WEIGHTS_FILE, check_new_run_dir, create_run_dir, read_run_config, save_weights,
-                          write_run_config)
+from .runs import (RunError, WEIGHTS_FILE, check_new_run_dir, create_run_dir,
+                         read_run_config, save_weights, write_run_config)
 from .cli import parse_arguments, run_command
 
-# %% ../nbs/14_convert.ipynb #e0a665e4
+# %% ../nbs/14_convert.ipynb #c2b14442
 def read_checkpoint(path) -> dict[str, Tensor]:
-    "The state dict saved at `path`, read without running code in it; the `module.` prefix of a DDP model dropped."
+    """The state dict saved at `path`, read without running code in it; the `module.` prefix of
+    a model saved from DistributedDataParallel dropped."""
     path = Path(path)
     if not path.is_file(): raise RunError(f"checkpoint {path} does not exist")
     try: state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        # PyTorch's weights-only refusal is a page of advice; the line that says what it met is the one we keep
+        # PyTorch's weights-only refusal is a page of advice; we keep the line saying what it met
         found = re.search(r'WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)', str(e))
         reason = found[1] if found else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RunError(f"{path} is not a PyTorch checkpoint that can be read safely (weights only): {reason}") from None
-    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
+        raise RunError(f"{path} is not a PyTorch checkpoint that can be read safely (weights "
+                       f"only): {reason}") from None
+    names_to_tensors = isinstance(state, dict) and state and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
+    if not names_to_tensors:
         raise RunError(f"{path} does not hold a state dict (parameter names mapped to tensors)")
     return {name.removeprefix('module.'): tensor for name, tensor in state.items()}
 
-# %% ../nbs/14_convert.ipynb #dbf83e3e
+# %% ../nbs/14_convert.ipynb #c8f89e76
 VDVAE_NAMES = (   # a piece of our parameter name -> openai/vdvae's, applied in this order
     (r'^encoder\.blocks\.', 'encoder.enc_blocks.'), (r'^decoder\.blocks\.', 'decoder.dec_blocks.'),
     (r'\.posterior\.', '.enc.'), (r'\.residual\.', '.resnet.'), (r'\.z_projection\.', '.z_proj.'),
     (r'\.convs\.(\d)\.', lambda m: f'.c{int(m[1]) + 1}.'),
-    (r'^decoder\.initial_states\.', 'decoder.bias_xs.'), (r'^decoder\.output_gain$', 'decoder.gain'),
-    (r'^decoder\.output_bias$', 'decoder.bias'), (r'^decoder\.output\.', 'decoder.out_net.out_conv.'))
+    (r'^decoder\.initial_states\.', 'decoder.bias_xs.'),
+    (r'^decoder\.output_gain$', 'decoder.gain'), (r'^decoder\.output_bias$', 'decoder.bias'),
+    (r'^decoder\.output\.', 'decoder.out_net.out_conv.'))
 
 def official_vdvae_name(name: str) -> str:
     "The name openai/vdvae gives the parameter our VDVAE calls `name`."
     for pattern, replacement in VDVAE_NAMES: name = re.sub(pattern, replacement, name)
     return name
 
-def vdvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module, source) -> dict[str, Tensor]:
-    """Our state dict from an official one: every parameter of `model` found under its official name with its shape,
-    and no official tensor left over; else a RunError naming the first key that does not fit."""
+def vdvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
+                     source) -> dict[str, Tensor]:
+    """Our state dict from an official one: every parameter of `model` found under its official
+    name with its shape, and no official tensor left over; else a RunError naming the first key
+    that does not fit."""
     ours = model.state_dict()
     wanted = {official_vdvae_name(name): name for name in ours}
     unknown = [key for key in official if key not in wanted]
     if unknown:
-        raise RunError(f"{source}: key {unknown[0]!r} is not a parameter of this VDVAE ({len(unknown)} such key(s)): "
-                       "is the preset the checkpoint's?")
+        raise RunError(f"{source}: key {unknown[0]!r} is not a parameter of this VDVAE "
+                       f"({len(unknown)} such key(s)): is the preset the checkpoint's?")
     missing = [key for key in wanted if key not in official]
-    if missing: raise RunError(f"{source}: key {missing[0]!r} is missing ({len(missing)} key(s) missing): is the preset "
-                               "the checkpoint's?")
+    if missing:
+        raise RunError(f"{source}: key {missing[0]!r} is missing ({len(missing)} key(s) missing): "
+                       "is the preset the checkpoint's?")
     for key, name in wanted.items():
         if official[key].shape != ours[name].shape:
-            raise RunError(f"{source}: key {key!r} has shape {tuple(official[key].shape)}, the preset's model expects "
-                           f"{tuple(ours[name].shape)}")
+            raise RunError(f"{source}: key {key!r} has shape {tuple(official[key].shape)}, the "
+                           f"preset's model expects {tuple(ours[name].shape)}")
     return {name: official[key].to(ours[name].dtype) for key, name in wanted.items()}
 
-# %% ../nbs/14_convert.ipynb #b4e996df
+# %% ../nbs/14_convert.ipynb #9f33d4ed
 def convert_vdvae(checkpoint: Path, preset: Preset, run_dir: Path) -> Path:
     "A run directory holding openai/vdvae's `checkpoint` as the model of `preset` (a VDVAE preset)."
-    if preset is None: raise ConfigError("--preset is required: a VDVAE checkpoint holds weights, not its architecture")
+    if preset is None:
+        raise ConfigError("--preset is required: a VDVAE checkpoint holds weights, not its "
+                          "architecture")
     if preset.model.family != 'vdvae':
-        raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; a VDVAE checkpoint needs a "
-                          "vdvae preset, e.g. vdvae_cifar10")
+        raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; a VDVAE "
+                          "checkpoint needs a vdvae preset, e.g. vdvae_cifar10")
     check_new_run_dir(run_dir)
     official = read_checkpoint(checkpoint)
     model = preset.model.build()
     model.load_state_dict(vdvae_state_dict(official, model, checkpoint))
     create_run_dir(run_dir)
-    write_run_config(run_dir, preset, dict(converted_from=str(Path(checkpoint).resolve()), source='openai/vdvae',
-                                           torch=torch.__version__))
+    launch = dict(converted_from=str(Path(checkpoint).resolve()), source='openai/vdvae',
+                  torch=torch.__version__)
+    write_run_config(run_dir, preset, launch)
     save_weights(model, run_dir / WEIGHTS_FILE)
     return run_dir
 
@@ -235,8 +246,8 @@ def _official_alias(name: str) -> str:
 def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
                     source) -> dict[str, Tensor]:
     """Our state dict from an official NVAE one, whose keys and shapes must be those of the model's
-    official twin (`official_nvae_state`), else a RunError naming the first that is not. The spectral
-    regulariser's vectors keep the model's own values."""
+    official twin (`official_nvae_state`), else a RunError naming the first that is not. The
+    spectral regulariser's vectors keep the model's own values."""
     expected = dict(official_nvae_state(official_flags(model.config)))
     hint = "is the preset the checkpoint's?"
     missing = [key for key in expected if key not in official]
@@ -292,7 +303,7 @@ def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path
 
 CONVERTERS['nvae'] = convert_nvae
 
-# %% ../nbs/14_convert.ipynb #28a511f5
+# %% ../nbs/14_convert.ipynb #c9d618a6
 def _override_pairs(override) -> dict[str, str]:
     pairs = {}
     for item in override or []:
@@ -302,27 +313,31 @@ def _override_pairs(override) -> dict[str, str]:
     return pairs
 
 def convert_command(source: Param(f"whose checkpoint it is: {', '.join(CONVERTERS)}", str),
-                    checkpoint: Param("the checkpoint file, e.g. cifar10-seed0-iter-900000-model-ema.th", str),
-                    preset: str = None,      # the preset of the checkpoint's model, e.g. vdvae_cifar10 (NVAE: inferred)
-                    out: str = None,         # the run directory to write (must not hold a run)
-                    override: Param("preset overrides key=value, e.g. --override model.width=256 (repeatable)", str,
-                                    nargs="*", action="extend") = None):
+                    checkpoint: Param("the checkpoint, e.g. cifar10-seed0-iter-900000-model-ema.th",
+                                      str),
+                    preset: str = None,  # the checkpoint's preset: vdvae_cifar10 (NVAE: inferred)
+                    out: str = None,     # the run directory to write (must not hold a run)
+                    override: Param("preset overrides key=value, e.g. --override model.width=256 "
+                                    "(repeatable)", str, nargs="*", action="extend") = None):
     "Convert a released checkpoint into a run directory."
     if source not in CONVERTERS:
         raise ConfigError(f"unknown source {source!r}; known sources: {', '.join(CONVERTERS)}")
     if out is None: raise ConfigError("--out is required: the run directory to write")
-    if preset is None and override: raise ConfigError("--override needs --preset: the preset it changes")
+    if preset is None and override:
+        raise ConfigError("--override needs --preset: the preset it changes")
     chosen = apply_overrides(get_preset(preset), _override_pairs(override)) if preset else None
     run_dir = CONVERTERS[source](Path(checkpoint), chosen, Path(out))
     name = read_run_config(run_dir)['preset']['name']
-    print(f"{name}: {checkpoint} converted into {run_dir}; evaluate it with: python -m hvae_nb.evaluate {run_dir} --k 1")
+    print(f"{name}: {checkpoint} converted into {run_dir}; evaluate it with: "
+          f"python -m hvae_nb.evaluate {run_dir} --k 1")
     return run_dir
 
 def main(argv: list[str] | None = None):
     "Entry point of `python -m hvae_nb.convert`: exit status 2 with one line on bad input."
-    kwargs = parse_arguments(convert_command, 'hvae_nb.convert', sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    kwargs = parse_arguments(convert_command, 'hvae_nb.convert', argv)
     run_command('hvae_nb.convert', convert_command, kwargs, (ConfigError, RunError))
 
-# %% ../nbs/14_convert.ipynb #3c07b39f
+# %% ../nbs/14_convert.ipynb #69d533ec
 #| eval: false
 if __name__ == '__main__' and not in_notebook(): main()   # a notebook kernel is '__main__' too

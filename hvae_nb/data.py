@@ -358,7 +358,7 @@ def load_data(name: str, data_dir=None, download: bool = False, test_seed: int =
     if name not in DATASETS: raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return DATASETS[name](data_dir=data_dir, download=download, test_seed=test_seed)
 
-# %% ../nbs/01_data.ipynb #2512b8bd
+# %% ../nbs/01_data.ipynb #a0ecc653
 VDVAE_ARRAYS = {  # dataset: (array, test array or None, seed of the held-out permutation, held out), as in data.py
     "imagenet32": ("imagenet32-train.npy", "imagenet32-valid.npy", 42, 5000),
     "imagenet64": ("imagenet64-train.npy", "imagenet64-valid.npy", 42, 5000),

@@ -17,18 +17,21 @@ def kl_per_group(model, images: Tensor, batch_size: int = 500) -> Tensor:
     "Mean KL of every latent group over `images`, in nats: a tensor of shape (groups,)."
     with evaluating(model):
         device = model.device
-        total = sum(model.trace(x.to(device)).kl.sum(0).double() for x in batches(images, batch_size))
+        total = sum(model.trace(x.to(device)).kl.sum(0).double()
+                    for x in batches(images, batch_size))
     return (total / len(images)).float().cpu()
 
 # %% ../nbs/02a_diagnostics.ipynb #59b54cfa
 @dataclass
 class ActiveUnits:
-    """Active units per latent group: Burda et al.'s count (Cov_x(E_q[u]) > threshold) and the count beyond the
-    prior (Cov_x(E_q[u] - E_p[u]) > threshold), with group sizes and every unit's statistic (flattened)."""
+    """Active units per latent group: Burda et al.'s count (Cov_x(E_q[u]) > threshold) and the count
+    beyond the prior (Cov_x(E_q[u] - E_p[u]) > threshold), with group sizes and every unit's
+    statistic (flattened)."""
     per_group: list[int]              # Burda: active units in each group
     sizes: list[int]                  # units in each group
     variances: list[Tensor]           # per group, Cov_x(E_q[u]) of every unit
-    per_group_beyond_prior: list[int] # units whose posterior mean departs from the prior mean across images
+    per_group_beyond_prior: list[int] # units whose posterior mean departs from the prior mean
+                                      # across images
     variances_beyond_prior: list[Tensor]
     threshold: float
     @property
@@ -39,12 +42,15 @@ class ActiveUnits:
     def fraction(self) -> float: return self.total / sum(self.sizes)
 
 def unit_variances(groups) -> list[Tensor]:
-    "Variance over images of every unit, per group; `groups` holds, per batch, one (batch, ...) tensor per group."
-    return [torch.cat([m.reshape(m.shape[0], -1) for m in group]).double().var(0, unbiased=True).float().cpu()
-            for group in zip(*groups)]
+    """Variance over images of every unit, per group; `groups` holds, per batch, one (batch, ...)
+    tensor per group."""
+    flat = lambda group: torch.cat([m.reshape(m.shape[0], -1) for m in group]).double()
+    return [flat(group).var(0, unbiased=True).float().cpu() for group in zip(*groups)]
 
-def active_units(model, images: Tensor, batch_size: int = 500, threshold: float = 1e-2) -> ActiveUnits:
-    "Count, in every group, the units active by Burda's statistic and beyond the prior, over `images` (N, C, H, W)."
+def active_units(model, images: Tensor, batch_size: int = 500,
+                 threshold: float = 1e-2) -> ActiveUnits:
+    """Count, in every group, the units active by Burda's statistic and beyond the prior, over
+    `images` (N, C, H, W)."""
     with evaluating(model):
         device = model.device
         posterior, beyond = [], []
@@ -53,28 +59,37 @@ def active_units(model, images: Tensor, batch_size: int = 500, threshold: float 
             posterior.append(q_means); beyond.append([q - p for q, p in zip(q_means, p_means)])
     variances, variances_beyond = unit_variances(posterior), unit_variances(beyond)
     count = lambda vs: [int((v > threshold).sum()) for v in vs]
-    return ActiveUnits(count(variances), [v.numel() for v in variances], variances, count(variances_beyond), variances_beyond, threshold)
+    return ActiveUnits(count(variances), [v.numel() for v in variances], variances,
+                       count(variances_beyond), variances_beyond, threshold)
 
 # %% ../nbs/02a_diagnostics.ipynb #d25215f5
-def latent_diagnostics(model, images: Tensor, batch_size: int = 500, threshold: float = 1e-2) -> tuple[Tensor, ActiveUnits]:
+def latent_diagnostics(model, images: Tensor, batch_size: int = 500,
+                       threshold: float = 1e-2) -> tuple[Tensor, ActiveUnits]:
     "KL per group and active units of `model` on `images`, for `plot_kl_and_active_units`."
-    return kl_per_group(model, images, batch_size), active_units(model, images, batch_size, threshold)
+    return (kl_per_group(model, images, batch_size),
+            active_units(model, images, batch_size, threshold))
 
-def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: str | None = None, group_names=None):
-    """Two bar charts side by side: mean KL per group (nats), and per group the fraction of active units by Burda's
-    statistic and beyond the prior, labelled with the counts."""
+def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: str | None = None,
+                             group_names=None):
+    """Two bar charts side by side: mean KL per group (nats), and per group the fraction of active
+    units by Burda's statistic and beyond the prior, labelled with the counts."""
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(8, 2.8))
     names = group_names or [f'$z_{{{g + 1}}}$' for g in range(len(kl))]
     axes[0].bar(names, kl.tolist(), color='tab:blue')
     axes[0].set_ylabel('KL (nats)'); axes[0].set_xlabel('latent group (bottom → top)')
     positions, width = torch.arange(len(names)).tolist(), 0.4
-    for shift, counts, colour, label in ((-width / 2, active.per_group, 'tab:orange', 'Burda'),
-                                         (width / 2, active.per_group_beyond_prior, 'tab:green', 'beyond prior')):
-        bars = axes[1].bar([p + shift for p in positions], [a / s for a, s in zip(counts, active.sizes)], width, color=colour, label=label)
+    series = ((-width / 2, active.per_group, 'tab:orange', 'Burda'),
+              (width / 2, active.per_group_beyond_prior, 'tab:green', 'beyond prior'))
+    for shift, counts, colour, label in series:
+        fractions = [a / s for a, s in zip(counts, active.sizes)]
+        bars = axes[1].bar([p + shift for p in positions], fractions, width, color=colour,
+                           label=label)
         for bar, a in zip(bars, counts):
-            axes[1].text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(a), ha='center', va='bottom', fontsize=7)
+            axes[1].text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(a),
+                         ha='center', va='bottom', fontsize=7)
     axes[1].set_xticks(positions, [f'{n}\n({s})' for n, s in zip(names, active.sizes)])
-    axes[1].set_ylim(0, 1.4); axes[1].set_ylabel('active fraction'); axes[1].set_xlabel('latent group, bottom → top (units)')
+    axes[1].set_ylim(0, 1.4); axes[1].set_ylabel('active fraction')
+    axes[1].set_xlabel('latent group, bottom → top (units)')
     axes[1].legend(fontsize=7, loc='upper center', ncol=2, frameon=False)
     heading = f'{title}: ' if title else ''
     axes[0].set_title(f'{heading}KL {kl.sum():.1f} nats')

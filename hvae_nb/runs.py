@@ -20,12 +20,14 @@ from .presets import Preset
 from .configs import preset_from_dict, preset_to_dict
 
 # %% ../nbs/10b_runs.ipynb #dfbe0a3b
-RUN_FORMAT = 2          # 2: the interface of chapter 02 (bottom_up / top_down); 1: runs written before it
-CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, EVAL_FILE = 'config.json', 'metrics.jsonl', 'model.safetensors', 'eval.json'
+RUN_FORMAT = 2  # 2: the interface of chapter 02 (bottom_up / top_down); 1: runs written before it
+CONFIG_FILE, METRICS_FILE = 'config.json', 'metrics.jsonl'
+WEIGHTS_FILE, EVAL_FILE = 'model.safetensors', 'eval.json'
 CHECKPOINT_PREFIX = 'checkpoint_'
 
 class RunError(ValueError):
-    "A run directory, checkpoint or weights file that is missing, not writable, of another preset, or corrupt."
+    """A run directory, checkpoint or weights file that is missing, not writable, of another preset,
+    or corrupt."""
 
 def write_json_atomically(path: Path, value: dict):
     "Write JSON through a temporary file and a rename, so a reader never sees half a file."
@@ -42,7 +44,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     "Complete checkpoints of a run, oldest first (temporary, half-written ones are ignored)."
     folder = Path(run_dir) / 'checkpoints'
     if not folder.is_dir(): return []
-    return sorted(p for p in folder.glob(f'{CHECKPOINT_PREFIX}*') if (p / 'train_state.json').is_file())
+    return sorted(p for p in folder.glob(f'{CHECKPOINT_PREFIX}*')
+                  if (p / 'train_state.json').is_file())
 
 def find_checkpoint(path) -> Path:
     "`path` is a checkpoint directory, or a run directory whose latest complete checkpoint is used."
@@ -50,7 +53,9 @@ def find_checkpoint(path) -> Path:
     if (path / 'train_state.json').is_file(): return path
     if not path.exists(): raise RunError(f"cannot resume: {path} does not exist")
     found = list_checkpoints(path)
-    if not found: raise RunError(f"cannot resume: {path} holds no complete checkpoint (looked in {path / 'checkpoints'})")
+    if not found:
+        raise RunError(f"cannot resume: {path} holds no complete checkpoint "
+                       f"(looked in {path / 'checkpoints'})")
     return found[-1]
 
 def read_train_state(checkpoint: Path) -> dict:
@@ -61,31 +66,41 @@ def read_train_state(checkpoint: Path) -> dict:
 def run_dir_of(checkpoint: Path) -> Path: return Path(checkpoint).parent.parent
 
 # %% ../nbs/10b_runs.ipynb #7a26facd
-def default_run_dir(preset: Preset) -> Path: return Path('runs') / f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(preset: Preset) -> Path:
+    return Path('runs') / f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 def check_run_dir_path(run_dir: Path):
-    "Refuse, before anything is written, a run directory that is a file or lies under a file or a read-only folder."
+    """Refuse, before anything is written, a run directory that is a file or lies under a file or a
+    read-only folder."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir(): raise RunError(f"--out {run_dir} is a file, not a directory")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file, not a directory")
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    if not existing.is_dir(): raise RunError(f"--out {run_dir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK): raise RunError(f"--out {run_dir}: {existing} is not writable")
+    if not existing.is_dir():
+        raise RunError(f"--out {run_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"--out {run_dir}: {existing} is not writable")
 
 def check_new_run_dir(run_dir: Path):
     check_run_dir_path(run_dir)
     if (Path(run_dir) / CONFIG_FILE).exists() or list_checkpoints(run_dir):
-        raise RunError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another --out")
+        raise RunError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                       "or choose another --out")
 
 def create_run_dir(run_dir: Path):
-    "Make the run directory and its samples folder; a RunError (one line) when the file system refuses."
+    """Make the run directory and its samples folder; a RunError (one line) when the file system
+    refuses."""
     try: (Path(run_dir) / 'samples').mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise RunError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    except OSError as e:
+        raise RunError(f"cannot create run directory {run_dir}: {e.strerror}") from None
 
 # %% ../nbs/10b_runs.ipynb #22940dc7
 def write_run_config(run_dir: Path, preset: Preset, launch: dict, history: list | None = None):
-    "config.json: the run's format, its resolved preset, how it was launched and how it was extended."
-    write_json_atomically(Path(run_dir) / CONFIG_FILE, dict(format=RUN_FORMAT, preset=preset_to_dict(preset),
-                                                            launch=launch, history=history or []))
+    """config.json: the run's format, its resolved preset, how it was launched and how it was
+    extended."""
+    config = dict(format=RUN_FORMAT, preset=preset_to_dict(preset), launch=launch,
+                  history=history or [])
+    write_json_atomically(Path(run_dir) / CONFIG_FILE, config)
 
 def read_run_config(run_dir) -> dict:
     "The parsed config.json of `run_dir`; RunError when it is missing or not JSON."
@@ -93,24 +108,29 @@ def read_run_config(run_dir) -> dict:
     if not run_dir.exists(): raise RunError(f"run directory {run_dir} does not exist")
     if not run_dir.is_dir(): raise RunError(f"{run_dir} is not a run directory: it is a file")
     path = run_dir / CONFIG_FILE
-    if not path.is_file(): raise RunError(f"{run_dir} is not a run directory: {path} does not exist")
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run directory: {path} does not exist")
     try: config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise RunError(f"{path} is corrupt: {e}") from None
-    if not isinstance(config, dict) or 'preset' not in config: raise RunError(f"{path} is corrupt: it has no preset")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is corrupt: {e}") from None
+    if not isinstance(config, dict) or 'preset' not in config:
+        raise RunError(f"{path} is corrupt: it has no preset")
     return config
 
 def load_run_preset(run_dir) -> Preset:
     "The preset a run was trained with."
     path = Path(run_dir) / CONFIG_FILE
     try: return preset_from_dict(read_run_config(run_dir)['preset'])
-    except (KeyError, TypeError, ConfigError) as e: raise RunError(f"{path} is corrupt or from another version: {e}") from None
+    except (KeyError, TypeError, ConfigError) as e:
+        raise RunError(f"{path} is corrupt or from another version: {e}") from None
 
 # %% ../nbs/10b_runs.ipynb #6e6ee54c
 STEP_KEYS = ('step', 'loss', 'reconstruction', 'kl', 'grad_norm', 'lr')
 
 class MetricsLog:
     "Append-only JSON lines, written by the main process."
-    def __init__(self, run_dir: Path, enabled: bool): self.path, self.enabled = Path(run_dir) / METRICS_FILE, enabled
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path, self.enabled = Path(run_dir) / METRICS_FILE, enabled
     def write(self, record: dict):
         if not self.enabled: return
         with self.path.open('a') as f: f.write(json.dumps(record) + '\n')
@@ -123,21 +143,24 @@ class MetricsLog:
         os.replace(temporary, self.path)
 
 def check_record(record, path: Path, number: int):
-    "A record must have a step; a training-step record (one with a loss) everything the curves plot."
+    """A record must have a step; a training-step record (one with a loss) everything the curves
+    plot."""
     if not isinstance(record, dict) or 'step' not in record:
         raise RunError(f"{path} is corrupt: line {number} is not a metrics record with a 'step'")
     missing = [key for key in STEP_KEYS if key not in record] if 'loss' in record else []
     if missing: raise RunError(f"{path} is corrupt: line {number} lacks {', '.join(missing)}")
 
 def read_metrics(run_dir) -> list[dict]:
-    "The records of a run's metrics.jsonl (none if it has none), with a clear error for a line that is not one."
+    """The records of a run's metrics.jsonl (none if it has none), with a clear error for a line
+    that is not one."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists(): return []
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip(): continue
         try: record = json.loads(line)
-        except json.JSONDecodeError: raise RunError(f"{path} is corrupt: line {number} is not JSON") from None
+        except json.JSONDecodeError:
+            raise RunError(f"{path} is corrupt: line {number} is not JSON") from None
         check_record(record, path, number)
         records.append(record)
     return records
@@ -150,32 +173,39 @@ def finished_test(records: list[dict]) -> dict | None:
 def save_weights(model: torch.nn.Module, path: Path): save_file(model.state_dict(), Path(path))
 
 def load_weights(model: torch.nn.Module, path, older_version: bool = False) -> torch.nn.Module:
-    "Load safetensors weights into `model`, with clear errors for a missing, corrupt or mismatched file."
+    """Load safetensors weights into `model`, with clear errors for a missing, corrupt or mismatched
+    file."""
     path = Path(path)
     if not path.is_file(): raise RunError(f"weights file {path} does not exist")
     try: state = load_file(path)
-    except Exception as e: raise RunError(f"weights file {path} is corrupt or not safetensors: {e}") from None
+    except Exception as e:
+        raise RunError(f"weights file {path} is corrupt or not safetensors: {e}") from None
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        why = (" It comes from an older version of hvae_nb (run format 1), whose parameter names this version no "
-               "longer uses: evaluate it with that version, or train it again." if older_version else '')
-        raise RunError(f"weights file {path} does not fit the model: missing keys {missing[:5]}, unexpected keys "
-                       f"{unexpected[:5]}.{why}")
+        why = (" It comes from an older version of hvae_nb (run format 1), whose parameter names "
+               "this version no longer uses: evaluate it with that version, or train it again."
+               if older_version else '')
+        raise RunError(f"weights file {path} does not fit the model: missing keys {missing[:5]}, "
+                       f"unexpected keys {unexpected[:5]}.{why}")
     bad = [k for k in expected if expected[k].shape != state[k].shape]
-    if bad: raise RunError(f"weights file {path}: key {bad[0]!r} has shape {tuple(state[bad[0]].shape)}, "
-                           f"model expects {tuple(expected[bad[0]].shape)}")
+    if bad:
+        key = bad[0]
+        raise RunError(f"weights file {path}: key {key!r} has shape {tuple(state[key].shape)}, "
+                       f"model expects {tuple(expected[key].shape)}")
     model.load_state_dict(state)
     return model
 
 def from_pretrained(run_dir, weights: str = WEIGHTS_FILE, map_location='cpu'):
-    "The trained model of `run_dir`, in eval mode; RunError when the run, its config or its weights are missing or corrupt."
+    """The trained model of `run_dir`, in eval mode; RunError when the run, its config or its
+    weights are missing or corrupt."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     preset = load_run_preset(run_dir)
     try: model = preset.model.build()
     except (ValueError, TypeError) as e:
-        raise RunError(f"{run_dir / CONFIG_FILE} describes a model that cannot be built: {e}") from None
+        message = f"{run_dir / CONFIG_FILE} describes a model that cannot be built: {e}"
+        raise RunError(message) from None
     older = config.get('format', 1) < RUN_FORMAT
     return load_weights(model, run_dir / weights, older_version=older).to(map_location).eval()
 
@@ -186,12 +216,14 @@ def write_evaluation(run_dir: Path, result: dict) -> Path:
     return path
 
 def resolve_weights(run_dir: Path, weights: str) -> Path:
-    "`weights` relative to the run directory, or as given when it is not there (an absolute path, or one from here)."
+    """`weights` relative to the run directory, or as given when it is not there (an absolute path,
+    or one from here)."""
     inside = Path(run_dir) / weights
     return inside if inside.exists() or not Path(weights).exists() else Path(weights)
 
 def describe_weights(path: Path, run_dir: Path, ema_decay: float) -> dict:
-    "Which weights a file holds: the EMA ones or the optimiser's, judged from its name and the run's EMA setting."
+    """Which weights a file holds: the EMA ones or the optimiser's, judged from its name and the
+    run's EMA setting."""
     try: name = str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
     except ValueError: name = str(path)
     final = name == WEIGHTS_FILE
@@ -199,4 +231,5 @@ def describe_weights(path: Path, run_dir: Path, ema_decay: float) -> dict:
     if is_ema: description = f"exponential moving average of the weights (decay {ema_decay})"
     elif final: description = "the optimiser's weights (EMA was off in this run)"
     else: description = "the optimiser's weights"
-    return dict(file=name, kind='ema' if is_ema else 'raw', ema_decay=ema_decay, description=description)
+    return dict(file=name, kind='ema' if is_ema else 'raw', ema_decay=ema_decay,
+                description=description)

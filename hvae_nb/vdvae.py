@@ -6,7 +6,7 @@
 __all__ = ['Layer', 'parse_layer_string', 'parse_widths', 'VDVAEConfig', 'vdvae_conv', 'Bottleneck', 'Encoder', 'DecoderBlock',
            'Decoder', 'VDVAEMixture', 'VDVAE']
 
-# %% ../nbs/09_vdvae.ipynb #318713a1
+# %% ../nbs/09_vdvae.ipynb #7589c01a
 from dataclasses import dataclass
 import math, re
 from typing import ClassVar
@@ -15,27 +15,29 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, DiscretizedLogisticMixture, make_likelihood,
                                    sum_except_batch)
-from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, VAEOutput, elbo_loss, check_number,
-                         check_positive_ints, invalid)
+from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, VAEOutput, elbo_loss,
+                         check_number, check_positive_ints, invalid)
 
-# %% ../nbs/09_vdvae.ipynb #c734779d
+# %% ../nbs/09_vdvae.ipynb #98fcb41b
 @dataclass(frozen=True)
 class Layer:
     "One block of a layer string, with the token it came from (for error messages)."
     resolution: int
-    rate: int = 0      # encoder `RdK`: average-pool by K after the block; decoder `RmS`: first mix in resolution S
+    rate: int = 0      # encoder `RdK`: pool by K after the block; decoder `RmS`: first mix in S
     token: str = ''
 
 def parse_layer_string(text: str, rate_letter: str) -> list[Layer]:
-    """One `Layer` per block: `RxN` is N blocks at resolution R, `R` one block, `R<rate_letter>K` one block with
-    rate K (`d` in an encoder, `m` in a decoder). A ValueError names the first token that is none of these."""
+    """One `Layer` per block: `RxN` is N blocks at resolution R, `R` one block, `R<rate_letter>K`
+    one block with rate K (`d` in an encoder, `m` in a decoder). A ValueError names the first
+    token that is none of these."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("a layer string is a comma-separated list of tokens, got none")
     layers = []
     for token in text.split(','):
         match = re.fullmatch(r'\s*(\d+)(?:([a-z])(\d+))?\s*', token)
         if match is None or match[2] not in (None, 'x', rate_letter):
-            raise ValueError(f"token {token!r} is not RxN, R{rate_letter}K or R (R, N, K positive integers)")
+            raise ValueError(f"token {token!r} is not RxN, R{rate_letter}K or R "
+                             "(R, N, K positive integers)")
         resolution, letter, number = int(match[1]), match[2], int(match[3] or 0)
         if resolution < 1 or (letter and number < 1):
             raise ValueError(f"token {token!r} has a zero where a positive integer belongs")
@@ -54,22 +56,22 @@ def parse_widths(text: str) -> dict[int, int]:
         widths[int(match[1])] = int(match[2])
     return widths
 
-# %% ../nbs/09_vdvae.ipynb #2a45f8b0
+# %% ../nbs/09_vdvae.ipynb #8c760e42
 @dataclass(frozen=True)
 class VDVAEConfig(ModelConfig):
-    """A Very Deep VAE (Child, 2021). The layer strings list the blocks in the order they run: the encoder's from
-    the image down, the decoder's from the top group down to the image."""
+    """A Very Deep VAE (Child, 2021). The layer strings list the blocks in the order they run:
+    the encoder's from the image down, the decoder's from the top group down to the image."""
     image_shape: tuple = (1, 8, 8)
     encoder_blocks: str = '8x2,8d2,4x2,4d4,1x2'
     decoder_blocks: str = '1x1,4m1,4x2,8m4,8x2'
     width: int = 512                 # channels of the residual stream
-    custom_widths: str = ''          # 'resolution:width,...' where a resolution has its own width (FFHQ-1024)
+    custom_widths: str = ''          # 'resolution:width,...' for resolutions of their own width
     latent_channels: int = 16        # channels of each group's z (official zdim)
     bottleneck: float = 0.25         # a block's inner width over its width
-    learned_states_up_to: int = 64   # learned initial decoder states up to this resolution (official no_bias_above)
-    input_mean: float = 127.5        # the encoder reads (255 x - input_mean) / input_std, as the official data.py
-    input_std: float = 127.5
-    pixel_bits: int = 8              # bits per pixel the logistic mixture scores (5 for FFHQ-256)
+    learned_states_up_to: int = 64   # learned first decoder states up to here (no_bias_above)
+    input_mean: float = 127.5        # the encoder reads (255 x - input_mean) / input_std,
+    input_std: float = 127.5         # as the official data.py normalises
+    pixel_bits: int = 8              # bits per pixel the logistic mixture scores (5: FFHQ-256)
     family: ClassVar[str] = 'vdvae'
 
     def validate(self):
@@ -80,12 +82,14 @@ class VDVAEConfig(ModelConfig):
         check_number(self, 'input_mean')
         check_number(self, 'input_std', 0, open_low=True)
         channels, height, width = self.image_shape
-        if height != width: raise invalid(self, 'image_shape', 'a square image: VDVAE pools and upsamples squares')
+        if height != width:
+            raise invalid(self, 'image_shape', 'a square image: VDVAE pools and upsamples squares')
         if self.likelihood == 'logistic_mixture' and channels not in (1, 3):
-            raise invalid(self, 'image_shape', "1 or 3 channels: VDVAE's mixture head has no other layout")
+            raise invalid(self, 'image_shape', "1 or 3 channels, the layouts of VDVAE's mixture")
         try: parse_widths(self.custom_widths)
         except ValueError as e: raise invalid(self, 'custom_widths', str(e)) from None
-        self._check_decoder(self._parse('decoder_blocks', 'm'), self._check_encoder(self._parse('encoder_blocks', 'd')))
+        encoded = self._check_encoder(self._parse('encoder_blocks', 'd'))
+        self._check_decoder(self._parse('decoder_blocks', 'm'), encoded)
 
     def _parse(self, name: str, rate_letter: str) -> list[Layer]:
         try: return parse_layer_string(getattr(self, name), rate_letter)
@@ -97,36 +101,41 @@ class VDVAEConfig(ModelConfig):
         found = {current}
         for layer in layers:
             if layer.resolution != current:
-                raise invalid(self, 'encoder_blocks', f"token {layer.token!r} runs at resolution {layer.resolution}, "
-                                                      f"but the encoder is at {current} there")
+                raise invalid(self, 'encoder_blocks', f"token {layer.token!r} runs at resolution "
+                              f"{layer.resolution}, but the encoder is at {current} there")
             if layer.rate:
                 if current % layer.rate:
-                    raise invalid(self, 'encoder_blocks', f"token {layer.token!r}: {current} is not divisible "
-                                                          f"by {layer.rate}")
+                    raise invalid(self, 'encoder_blocks', f"token {layer.token!r}: {current} is "
+                                  f"not divisible by {layer.rate}")
                 if self.width_at(current) > self.width_at(current // layer.rate):
                     raise invalid(self, 'custom_widths', f"the encoder goes from {current} to "
-                                                         f"{current // layer.rate} and can widen, not narrow")
+                                  f"{current // layer.rate} and can widen, not narrow")
                 current //= layer.rate
                 found.add(current)
         return found
 
     def _check_decoder(self, layers: list[Layer], encoded: set[int]):
-        "Every block has encoder features at its resolution, mixes in a state that exists, and one reaches the image."
+        """Every block has encoder features at its resolution and mixes in a state that exists;
+        a block reaches the image's resolution."""
         done = set()
         for layer in layers:
-            if layer.resolution not in encoded:
-                raise invalid(self, 'decoder_blocks', f"token {layer.token!r}: the encoder leaves no features at "
-                                                      f"resolution {layer.resolution} (only {sorted(encoded)})")
-            if layer.rate and (layer.rate not in done or layer.resolution % layer.rate or layer.rate >= layer.resolution):
-                raise invalid(self, 'decoder_blocks', f"token {layer.token!r} mixes in resolution {layer.rate}: it needs "
-                                                      f"an earlier block there, below and dividing {layer.resolution}")
-            if layer.rate and self.width_at(layer.rate) < self.width_at(layer.resolution):
-                raise invalid(self, 'custom_widths', f"token {layer.token!r} mixes in a narrower state")
-            done.add(layer.resolution)
+            r, s = layer.resolution, layer.rate
+            if r not in encoded:
+                raise invalid(self, 'decoder_blocks', f"token {layer.token!r}: the encoder leaves "
+                              f"no features at resolution {r} (only {sorted(encoded)})")
+            if s and (s not in done or r % s or s >= r):
+                raise invalid(self, 'decoder_blocks', f"token {layer.token!r} mixes in resolution "
+                              f"{s}: it needs an earlier block there, below and dividing {r}")
+            if s and self.width_at(s) < self.width_at(r):
+                raise invalid(self, 'custom_widths', f"token {layer.token!r} mixes in a narrower "
+                              "state")
+            done.add(r)
         if self.image_shape[1] not in done:
-            raise invalid(self, 'decoder_blocks', f"no block at the image resolution {self.image_shape[1]}")
+            raise invalid(self, 'decoder_blocks', "no block at the image resolution "
+                          f"{self.image_shape[1]}")
 
-    def width_at(self, resolution: int) -> int: return parse_widths(self.custom_widths).get(resolution, self.width)
+    def width_at(self, resolution: int) -> int:
+        return parse_widths(self.custom_widths).get(resolution, self.width)
 
     @property
     def encoder_layers(self) -> list[Layer]: return parse_layer_string(self.encoder_blocks, 'd')
@@ -136,7 +145,7 @@ class VDVAEConfig(ModelConfig):
 
     def build(self) -> 'VDVAE': return VDVAE(self)
 
-# %% ../nbs/09_vdvae.ipynb #743ce9e9
+# %% ../nbs/09_vdvae.ipynb #5b534a5d
 def vdvae_conv(width_in: int, width_out: int, kernel: int, weight_scale: float = 1.0) -> nn.Conv2d:
     "A 'same' convolution with PyTorch's default weights times `weight_scale` and a zero bias."
     conv = nn.Conv2d(width_in, width_out, kernel, padding=kernel // 2)
@@ -146,16 +155,17 @@ def vdvae_conv(width_in: int, width_out: int, kernel: int, weight_scale: float =
     return conv
 
 class Bottleneck(nn.Module):
-    """VDVAE's block: a GELU before each of four convolutions, 1x1 -> 3x3 -> 3x3 -> 1x1 (all 1x1 at resolutions
-    <= 2), the last one's weights scaled by `last_scale`; optionally added to its input; then average-pooled by
-    `pool` (0: not pooled)."""
-    def __init__(self, width_in: int, width_middle: int, width_out: int, resolution: int, residual: bool = False,
-                 pool: int = 0, last_scale: float = 1.0):
+    """VDVAE's block: a GELU before each of four convolutions, 1x1 -> 3x3 -> 3x3 -> 1x1 (all 1x1
+    at resolutions <= 2), the last one's weights scaled by `last_scale`; optionally added to its
+    input; then average-pooled by `pool` (0: not pooled)."""
+    def __init__(self, width_in: int, width_middle: int, width_out: int, resolution: int,
+                 residual: bool = False, pool: int = 0, last_scale: float = 1.0):
         super().__init__()
-        k = 3 if resolution > 2 else 1       # a 3x3 kernel on a 1x1 or 2x2 map sees mostly padding
-        self.convs = nn.ModuleList([vdvae_conv(width_in, width_middle, 1), vdvae_conv(width_middle, width_middle, k),
-                                    vdvae_conv(width_middle, width_middle, k),
-                                    vdvae_conv(width_middle, width_out, 1, weight_scale=last_scale)])
+        k = 3 if resolution > 2 else 1       # a 3x3 kernel on a 1x1 or 2x2 map reads mostly padding
+        self.convs = nn.ModuleList([
+            vdvae_conv(width_in, width_middle, 1), vdvae_conv(width_middle, width_middle, k),
+            vdvae_conv(width_middle, width_middle, k),
+            vdvae_conv(width_middle, width_out, 1, weight_scale=last_scale)])
         self.residual, self.pool = residual, pool
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,9 +174,9 @@ class Bottleneck(nn.Module):
         if self.residual: h = x + h
         return F.avg_pool2d(h, self.pool) if self.pool else h
 
-# %% ../nbs/09_vdvae.ipynb #a5e06461
+# %% ../nbs/09_vdvae.ipynb #67d33cd1
 class Encoder(nn.Module):
-    "A 3x3 convolution, then residual blocks down the resolutions; keeps the last activation at each resolution."
+    "A 3x3 convolution, then residual blocks down the resolutions; keeps each resolution's last."
     def __init__(self, config: VDVAEConfig):
         super().__init__()
         layers, size = config.encoder_layers, config.image_shape[1]
@@ -175,8 +185,8 @@ class Encoder(nn.Module):
         self.blocks, self.widths_after = nn.ModuleList(), []
         for layer in layers:
             w = config.width_at(layer.resolution)
-            self.blocks.append(Bottleneck(w, int(w * config.bottleneck), w, layer.resolution, residual=True,
-                                          pool=layer.rate, last_scale=depth_scale))
+            self.blocks.append(Bottleneck(w, int(w * config.bottleneck), w, layer.resolution,
+                                          residual=True, pool=layer.rate, last_scale=depth_scale))
             self.widths_after.append(config.width_at(layer.resolution // max(layer.rate, 1)))
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
@@ -184,19 +194,20 @@ class Encoder(nn.Module):
         features = {h.shape[-1]: h}
         for block, width in zip(self.blocks, self.widths_after):
             h = block(h)
-            # a wider resolution below (FFHQ-1024) gets the narrower features padded with zero channels
+            # a wider resolution below (FFHQ-1024) gets the features padded with zero channels
             if h.shape[1] < width: h = F.pad(h, (0, 0, 0, 0, 0, width - h.shape[1]))
             features[h.shape[-1]] = h
         return features
 
-# %% ../nbs/09_vdvae.ipynb #e2dc2146
+# %% ../nbs/09_vdvae.ipynb #8a87bb78
 class DecoderBlock(nn.Module):
-    "One latent group: its prior and posterior from the state (and the encoder's features), z, the state updated."
-    def __init__(self, layer: Layer, width: int, latent_channels: int, bottleneck: float, depth: int):
+    "One latent group: prior and posterior from the state (and the encoder), z, the state updated."
+    def __init__(self, layer: Layer, width: int, latent_channels: int, bottleneck: float,
+                 depth: int):
         super().__init__()
-        middle, depth_scale = int(width * bottleneck), math.sqrt(1 / depth)
-        self.resolution, self.mixin, self.width, self.latent_channels = layer.resolution, layer.rate, width, latent_channels
-        r = layer.resolution
+        middle, depth_scale, r = int(width * bottleneck), math.sqrt(1 / depth), layer.resolution
+        self.resolution, self.mixin, self.width = r, layer.rate, width
+        self.latent_channels = latent_channels
         self.posterior = Bottleneck(2 * width, middle, 2 * latent_channels, r)
         # zero last layer: at initialisation the prior is N(0, I) and the state is left as it is
         self.prior = Bottleneck(width, middle, 2 * latent_channels + width, r, last_scale=0.0)
@@ -205,17 +216,19 @@ class DecoderBlock(nn.Module):
 
     def forward(self, states: dict, features: Tensor | None, batch: int, temperature: float = 1.0,
                 use_mean: bool = False) -> Group:
-        "Read and update `states[self.resolution]`; z from the posterior when `features` are given, else the prior."
+        "Update `states[resolution]`; z from the posterior if `features` are given, else the prior."
         r, c = self.resolution, self.latent_channels
         x = states.get(r)
         if x is None: x = self.z_projection.weight.new_zeros(batch, self.width, r, r)
-        if self.mixin: x = x + F.interpolate(states[self.mixin][:, :self.width], scale_factor=r // self.mixin)
+        if self.mixin:
+            x = x + F.interpolate(states[self.mixin][:, :self.width], scale_factor=r // self.mixin)
         prior_out = self.prior(x)
         # the Gaussians in float32, whatever precision autocast gives the convolutions
         prior = DiagonalGaussian(prior_out[:, :c].float(), prior_out[:, c:2 * c].float())
         posterior = None
         if features is not None:
-            posterior = DiagonalGaussian(*self.posterior(torch.cat([x, features], 1)).float().chunk(2, 1))
+            out = self.posterior(torch.cat([x, features], 1)).float()
+            posterior = DiagonalGaussian(*out.chunk(2, 1))
         group = Group.draw(prior, posterior, use_mean, temperature)
         x = x + prior_out[:, 2 * c:]
         x = x + self.z_projection(group.z)
@@ -227,11 +240,13 @@ class Decoder(nn.Module):
     def __init__(self, config: VDVAEConfig, output_channels: int):
         super().__init__()
         layers = config.decoder_layers
-        self.blocks = nn.ModuleList(DecoderBlock(layer, config.width_at(layer.resolution), config.latent_channels,
-                                                 config.bottleneck, len(layers)) for layer in layers)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(layer, config.width_at(layer.resolution), config.latent_channels,
+                         config.bottleneck, len(layers)) for layer in layers)
         resolutions = sorted({layer.resolution for layer in layers})
-        self.initial_states = nn.ParameterList(nn.Parameter(torch.zeros(1, config.width_at(r), r, r))
-                                               for r in resolutions if r <= config.learned_states_up_to)
+        self.initial_states = nn.ParameterList(
+            nn.Parameter(torch.zeros(1, config.width_at(r), r, r))
+            for r in resolutions if r <= config.learned_states_up_to)
         self.image_size = config.image_shape[1]
         w = config.width_at(self.image_size)
         self.output_gain = nn.Parameter(torch.ones(1, w, 1, 1))
@@ -241,25 +256,29 @@ class Decoder(nn.Module):
     def forward(self, features: dict | None, batch: int, keep: int, temperature: float = 1.0,
                 use_mean: bool = False) -> Walk:
         states = {s.shape[-1]: s.expand(batch, -1, -1, -1) for s in self.initial_states}
-        groups = [block(states, features[block.resolution] if i < keep else None, batch, temperature, use_mean)
-                  for i, block in enumerate(self.blocks)]
+        groups = [block(states, features[block.resolution] if i < keep else None, batch,
+                        temperature, use_mean) for i, block in enumerate(self.blocks)]
         h = states[self.image_size] * self.output_gain + self.output_bias
         return Walk(groups[::-1], self.output(h).float())
 
-# %% ../nbs/09_vdvae.ipynb #be6e5113
+# %% ../nbs/09_vdvae.ipynb #bee38702
 class VDVAEMixture(DiscretizedLogisticMixture):
-    """The discretized logistic mixture of chapter 00 read from VDVAE's output layout: the M logits, then per
-    channel the M means, the M log-scales (floored at -7) and, for RGB, M coupling coefficients. With `bits` < 8,
-    8-bit pixels are floored to that many bits before they are scored, as the official FFHQ-256 target."""
+    """The discretized logistic mixture of chapter 00, read from VDVAE's output layout: the M
+    logits, then per channel the M means, the M log-scales (floored at -7) and, for RGB, M coupling
+    coefficients. With `bits` < 8, 8-bit pixels are floored to that many bits before they are
+    scored, as the official FFHQ-256 target."""
     def _split(self, params: Tensor):
         b, p, h, w = params.shape
         m = self.num_mixtures
         channels = {3 * m: 1, 10 * m: 3}.get(p)
         if channels is None:
-            raise ValueError(f"VDVAE's mixture head: {p} channels are neither {3 * m} (grey) nor {10 * m} (RGB)")
-        per_channel = params[:, m:].reshape(b, channels, -1, m, h, w).transpose(1, 3)   # (B, M, kind, C, H, W)
+            raise ValueError(f"VDVAE's mixture head: {p} channels are neither {3 * m} (grey) "
+                             f"nor {10 * m} (RGB)")
+        # (B, C, kind, M, H, W) -> (B, M, kind, C, H, W)
+        per_channel = params[:, m:].reshape(b, channels, -1, m, h, w).transpose(1, 3)
         means, log_scales = per_channel[:, :, 0], per_channel[:, :, 1].clamp_min(-7.0)
-        coefficients = torch.tanh(per_channel[:, :, 2]) if channels == 3 else params.new_zeros(b, m, 0, h, w)
+        coefficients = (torch.tanh(per_channel[:, :, 2]) if channels == 3
+                        else params.new_zeros(b, m, 0, h, w))
         return params[:, :m], means, log_scales, coefficients
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
@@ -268,31 +287,35 @@ class VDVAEMixture(DiscretizedLogisticMixture):
             x = torch.floor(torch.round(255 * x) / step) * step / 255
         return super().log_prob(params, x)
 
-# %% ../nbs/09_vdvae.ipynb #532e3951
+# %% ../nbs/09_vdvae.ipynb #86edb430
 class VDVAE(HierarchicalVAE):
     "The Very Deep VAE (Child, 2021): a residual encoder, and one latent group per decoder block."
     def __init__(self, config: VDVAEConfig):
         super().__init__()
         self.config = config
         self.likelihood = (VDVAEMixture(config.num_mixtures, config.pixel_bits)
-                           if config.likelihood == 'logistic_mixture' else make_likelihood(config.likelihood))
+                           if config.likelihood == 'logistic_mixture'
+                           else make_likelihood(config.likelihood))
         self.encoder = Encoder(config)
         self.decoder = Decoder(config, self.likelihood.num_params(config.image_shape[0]))
         self.dims = math.prod(config.image_shape)
 
     @property
     def latent_shapes(self) -> list[tuple]:
-        return [(self.config.latent_channels, b.resolution, b.resolution) for b in reversed(self.decoder.blocks)]
+        c = self.config.latent_channels
+        return [(c, b.resolution, b.resolution) for b in reversed(self.decoder.blocks)]
 
     def bottom_up(self, x: Tensor) -> dict[int, Tensor]:
         return self.encoder((255 * x - self.config.input_mean) / self.config.input_std)
 
-    def top_down(self, features, batch: int, keep: int, temperature: float = 1.0, use_mean: bool = False) -> Walk:
+    def top_down(self, features, batch: int, keep: int, temperature: float = 1.0,
+                 use_mean: bool = False) -> Walk:
         return self.decoder(features, batch, keep, temperature, use_mean)
 
     def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> VAEOutput:
-        """The loss in nats per dimension (the scale VDVAE's clipping and skipping thresholds are set for); its parts
-        per image. Only the analytic KL is computed: the log-ratios `trace` adds are not needed to train."""
+        """The loss in nats per dimension (the scale of VDVAE's clipping and skipping thresholds);
+        its parts per image. Only the analytic KL is computed: the log-ratios `trace` adds for the
+        importance-weighted bound are not needed to train."""
         walk = self.posterior_walk(x)
         kl = torch.stack([sum_except_batch(g.posterior.kl(g.prior)) for g in walk.groups], 1)
         log_px = self.likelihood.log_prob(walk.params, x)
