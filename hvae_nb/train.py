@@ -65,7 +65,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
     (0.9, `adam_beta2`)."""
     return OPTIMIZERS[train.optimizer](model.parameters(), lr=train.lr,
                                        weight_decay=train.weight_decay,
-                                       betas=(0.9, train.adam_beta2))
+                                       betas=(0.9, train.adam_beta2), eps=train.optimizer_eps)
 
 def make_scheduler(optimizer, train: TrainConfig):
     """Linear warm-up over `lr_warmup_steps`, then cosine decay to `lr * min_lr_ratio` at
@@ -366,7 +366,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     with StopRequest() as stop:
         for step in range(start, t.max_steps):
             began = time.perf_counter()
-            beta = kl_warmup(step, t.kl_warmup_steps)
+            beta = kl_warmup(step, t.kl_warmup_steps, t.kl_warmup_floor, t.kl_warmup_hold_steps)
             record = train_step(model, optimizer, data.train, data.dynamic_binarization, step, beta,
                                 t, accelerator)
             scheduler.step()

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['LIKELIHOODS', 'Group', 'Walk', 'LatentTrace', 'VAEOutput', 'elbo_loss', 'kl_warmup', 'ConfigError', 'invalid',
            'is_int', 'check_positive_ints', 'check_sizes', 'check_number', 'check_choice', 'ModelConfig',
-           'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating', 'batches',
-           'iw_log_likelihood', 'likelihood_terms', 'dataset_nll']
+           'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating',
+           'readjust_batch_norm', 'batches', 'iw_log_likelihood', 'likelihood_terms', 'dataset_nll']
 
 # %% ../nbs/02_vae.ipynb #6151a5d7
 from abc import ABC, abstractmethod
@@ -79,11 +79,12 @@ def elbo_loss(log_px: Tensor, kl: Tensor, beta: float = 1.0, free_bits: float = 
     if kl_weights is not None: kl_per_group = kl_weights.detach() * kl_per_group
     return -log_px.mean() + beta * kl_per_group.sum()
 
-def kl_warmup(step: int, warmup_steps: int) -> float:
+def kl_warmup(step: int, warmup_steps: int, floor: float = 0.0, hold_steps: int = 0) -> float:
     """KL weight beta at `step`: linear from 0 to 1 over `warmup_steps`, then 1 (deterministic warm-up,
-    Sønderby et al., 2016)."""
+    Sønderby et al., 2016); never below `floor`, and rising only after `hold_steps` (NVAE: 1e-4 and 1e-4
+    of the training steps)."""
     if warmup_steps <= 0: return 1.0
-    return min(1.0, step / warmup_steps)
+    return max(floor, min(1.0, (step - hold_steps) / warmup_steps))
 
 # %% ../nbs/02_vae.ipynb #dc3a3716
 LIKELIHOODS = ('bernoulli', 'logistic_mixture')
@@ -308,6 +309,15 @@ def evaluating(model):
     try:
         with torch.no_grad(): yield model
     finally: model.train(was_training)
+
+@torch.no_grad()
+def readjust_batch_norm(model: HierarchicalVAE, num_batches: int = 500, batch_size: int = 100,
+                        temperature: float = 1.0) -> HierarchicalVAE:
+    """Re-estimate the running statistics of every batch norm on the model's own samples at `temperature`:
+    `num_batches` sampling passes in train mode, then eval mode (NVAE's `--readjust_bn`; chapter 08)."""
+    model.train()
+    for _ in range(num_batches): model.sample(batch_size, temperature)
+    return model.eval()
 
 def batches(images: Tensor, batch_size: int):
     "Consecutive slices of `images` of at most `batch_size`."
