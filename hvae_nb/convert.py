@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['VDVAE_NAMES', 'CONVERTERS', 'NVAE_FLAGS', 'NVAE_FLAG_DEFAULTS', 'NVAE_DATASETS', 'NVAE_TRAINING_FIELDS',
-           'NVAE_REQUIRED', 'read_checkpoint', 'official_vdvae_name', 'vdvae_state_dict', 'convert_vdvae',
-           'read_nvae_checkpoint', 'nvae_config', 'architecture_differences', 'nvae_preset', 'nvae_module_names',
-           'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
+           'NVAE_REQUIRED', 'read_checkpoint', 'official_vdvae_name', 'vdvae_state_dict', 'write_converted_run',
+           'convert_vdvae', 'read_nvae_checkpoint', 'nvae_config', 'architecture_differences', 'nvae_preset',
+           'nvae_module_names', 'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
 
 # %% ../nbs/14_convert.ipynb #8b148015
 import argparse, dataclasses, re, sys
@@ -78,6 +78,16 @@ def vdvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
     return {name: official[key].to(ours[name].dtype) for key, name in wanted.items()}
 
 # %% ../nbs/14_convert.ipynb #9f33d4ed
+def write_converted_run(model, preset: Preset, run_dir: Path, checkpoint: Path,
+                        source: str) -> Path:
+    "A new run directory for converted weights: the preset, where the weights came from, the weights."
+    create_run_dir(run_dir)
+    launch = dict(converted_from=str(Path(checkpoint).resolve()), source=source,
+                  torch=torch.__version__)
+    write_run_config(run_dir, preset, launch)
+    save_weights(model, run_dir / WEIGHTS_FILE)
+    return run_dir
+
 def convert_vdvae(checkpoint: Path, preset: Preset, run_dir: Path) -> Path:
     "A run directory holding openai/vdvae's `checkpoint` as the model of `preset` (a VDVAE preset)."
     if preset is None:
@@ -90,12 +100,7 @@ def convert_vdvae(checkpoint: Path, preset: Preset, run_dir: Path) -> Path:
     official = read_checkpoint(checkpoint)
     model = preset.model.build()
     model.load_state_dict(vdvae_state_dict(official, model, checkpoint))
-    create_run_dir(run_dir)
-    launch = dict(converted_from=str(Path(checkpoint).resolve()), source='openai/vdvae',
-                  torch=torch.__version__)
-    write_run_config(run_dir, preset, launch)
-    save_weights(model, run_dir / WEIGHTS_FILE)
-    return run_dir
+    return write_converted_run(model, preset, run_dir, checkpoint, 'openai/vdvae')
 
 CONVERTERS = {'vdvae': convert_vdvae}   # source -> function(checkpoint, preset or None, run_dir)
 
@@ -294,12 +299,7 @@ def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path
                               f"different models (args vs preset: {'; '.join(differences)})")
     model = preset.model.build()
     model.load_state_dict(nvae_state_dict(official, model, checkpoint))
-    create_run_dir(run_dir)
-    launch = dict(converted_from=str(Path(checkpoint).resolve()), source='NVlabs/NVAE',
-                  torch=torch.__version__)
-    write_run_config(run_dir, preset, launch)
-    save_weights(model, run_dir / WEIGHTS_FILE)
-    return run_dir
+    return write_converted_run(model, preset, run_dir, checkpoint, 'NVlabs/NVAE')
 
 CONVERTERS['nvae'] = convert_nvae
 
