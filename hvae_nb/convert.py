@@ -80,7 +80,7 @@ def vdvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
 # %% ../nbs/14_convert.ipynb #9f33d4ed
 def write_converted_run(model, preset: Preset, run_dir: Path, checkpoint: Path,
                         source: str) -> Path:
-    "A new run directory for converted weights: the preset, where the weights came from, the weights."
+    "A new run directory for converted weights: the preset, their source, the weights."
     create_run_dir(run_dir)
     launch = dict(converted_from=str(Path(checkpoint).resolve()), source=source,
                   torch=torch.__version__)
