@@ -25,25 +25,30 @@ from .cli import default_device, parse_arguments, run_command
 
 # %% ../nbs/13_bench.ipynb #25c5638b
 def synthetic_images(preset: Preset, batch_size: int, device, seed: int = 0) -> torch.Tensor:
-    "A batch shaped like the preset's data: binary pixels for a Bernoulli likelihood, 8-bit levels otherwise."
+    """A batch shaped like the preset's data: binary pixels for a Bernoulli likelihood, 8-bit levels
+    otherwise."""
     generator = torch.Generator().manual_seed(seed)
     grey = torch.rand(batch_size, *preset.model.image_shape, generator=generator)
-    images = torch.bernoulli(grey, generator=generator) if preset.model.likelihood == 'bernoulli' else torch.round(grey * 255) / 255
+    binary = preset.model.likelihood == 'bernoulli'
+    images = torch.bernoulli(grey, generator=generator) if binary else torch.round(grey * 255) / 255
     return images.to(device)
 
 def make_training_step(model, preset: Preset, images: torch.Tensor, compiled: bool = False,
                        mixed_precision: str = 'no'):
-    """A call taking one optimiser step on `images` with the trainer's `train_step`; `compiled` wraps the model,
-    `mixed_precision` ('no', 'fp16', 'bf16') is the Accelerator's, as `train --mixed-precision`."""
+    """A call taking one optimiser step on `images` with the trainer's `train_step`; `compiled`
+    wraps the model, `mixed_precision` ('no', 'fp16', 'bf16') is the Accelerator's, as
+    `train --mixed-precision`."""
     train = replace(preset.train, batch_size=len(images), grad_accum=1)
     accelerator = Accelerator(cpu=images.device.type == 'cpu', mixed_precision=mixed_precision)
     prepared, optimizer = accelerator.prepare(model, make_optimizer(model, train))
     forward = torch.compile(prepared) if compiled else prepared
     steps, binarize = itertools.count(), preset.model.likelihood == 'bernoulli'
-    return lambda: train_step(forward, optimizer, images, binarize, next(steps), 1.0, train, accelerator)
+    return lambda: train_step(forward, optimizer, images, binarize, next(steps), 1.0, train,
+                              accelerator)
 
 def training_flops(model, images: torch.Tensor) -> int:
-    "FLOPs of one forward and backward pass, as PyTorch counts them (matrix products and convolutions)."
+    """FLOPs of one forward and backward pass, as PyTorch counts them (matrix products and
+    convolutions)."""
     with FlopCounterMode(display=False) as counter:
         model(images).loss.backward()
     model.zero_grad(set_to_none=True)
@@ -53,8 +58,10 @@ def training_flops(model, images: torch.Tensor) -> int:
 def synchronize(device: torch.device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
-def plan_calls(steps: int, repeats: int, seconds_per_call: float, budget_s: float, min_interval_s: float = 0.2) -> tuple[int, int]:
-    "Calls per repeat and repeats: at least `steps` calls or `min_interval_s` seconds per repeat, all within `budget_s`."
+def plan_calls(steps: int, repeats: int, seconds_per_call: float, budget_s: float,
+               min_interval_s: float = 0.2) -> tuple[int, int]:
+    """Calls per repeat and repeats: at least `steps` calls or `min_interval_s` seconds per repeat,
+    all within `budget_s`."""
     seconds_per_call = max(seconds_per_call, 1e-9)
     steps = max(steps, math.ceil(min_interval_s / seconds_per_call))
     affordable = max(1, int(budget_s / seconds_per_call))
@@ -68,11 +75,13 @@ class Throughput:
     calls_per_repeat: int
     first_call_s: float       # the first warm-up call: compilation and allocation included
 
-def measure_throughput(call, images_per_call: int, device, steps: int, repeats: int, warmup: int, budget_s: float) -> Throughput:
+def measure_throughput(call, images_per_call: int, device, steps: int, repeats: int, warmup: int,
+                       budget_s: float) -> Throughput:
     "Time `call` after `warmup` untimed calls (at least one): `repeats` intervals of `steps` calls."
     durations = []
     for _ in range(max(1, warmup)):
-        start = time.perf_counter(); call(); synchronize(device); durations.append(time.perf_counter() - start)
+        start = time.perf_counter(); call(); synchronize(device)
+        durations.append(time.perf_counter() - start)
     steps, repeats = plan_calls(steps, repeats, durations[-1], budget_s)
     rates = []
     for _ in range(repeats):
@@ -83,8 +92,10 @@ def measure_throughput(call, images_per_call: int, device, steps: int, repeats: 
     return Throughput(statistics.median(rates), rates, steps, durations[0])
 
 # %% ../nbs/13_bench.ipynb #bc173186
-def matmul_peak_flops(device: torch.device, dtype=torch.float32, size: int | None = None, seconds: float = 1.5) -> float:
-    "The best FLOP/s of a square matrix product on `device`, over trials lasting about `seconds` (at least three)."
+def matmul_peak_flops(device: torch.device, dtype=torch.float32, size: int | None = None,
+                      seconds: float = 1.5) -> float:
+    """The best FLOP/s of a square matrix product on `device`, over trials lasting about `seconds`
+    (at least three)."""
     size = size or (8192 if device.type == 'cuda' else 2048)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b; synchronize(device)
@@ -105,7 +116,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 def device_name(device: torch.device) -> str:
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
     cpuinfo = Path('/proc/cpuinfo')
-    names = [l.split(':', 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith('model name')] if cpuinfo.exists() else []
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')]
     return names[0] if names else platform.processor() or platform.machine()
 
 # %% ../nbs/13_bench.ipynb #8bf03612
@@ -121,54 +133,67 @@ def make_sampling_call(model, batch_size: int):
     def call(): model.sample(batch_size)
     return call
 
-def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int = 5, repeats: int = 3, warmup: int = 2,
-                     compiled: bool = False, channels_last: bool = False, device: str | None = None,
+def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int = 5,
+                     repeats: int = 3, warmup: int = 2, compiled: bool = False,
+                     channels_last: bool = False, device: str | None = None,
                      budget_s: float = 5.0, threads: int | None = None, seed: int = 0,
                      mixed_precision: str = 'no') -> dict:
-    "Throughput, memory, FLOPs and MFU of one preset's training step and sampling, at `batch_size` (default: the preset's)."
+    """Throughput, memory, FLOPs and MFU of one preset's training step and sampling, at
+    `batch_size` (default: the preset's)."""
     device = torch.device(device or default_device())
     if threads: torch.set_num_threads(threads)
     batch_size = batch_size or preset.train.batch_size
     torch.manual_seed(seed)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     baseline = peak_memory_bytes(device)
-    model, images = prepare_model(preset, synthetic_images(preset, batch_size, device, seed), device, channels_last)
+    images = synthetic_images(preset, batch_size, device, seed)
+    model, images = prepare_model(preset, images, device, channels_last)
     flops = training_flops(model, images)
     step = make_training_step(model, preset, images, compiled, mixed_precision)
     train = measure_throughput(step, batch_size, device, steps, repeats, warmup, budget_s)
     model.eval()
-    sample = measure_throughput(make_sampling_call(model, batch_size), batch_size, device, steps, repeats, warmup, budget_s)
+    sampling = make_sampling_call(model, batch_size)
+    sample = measure_throughput(sampling, batch_size, device, steps, repeats, warmup, budget_s)
     memory = peak_memory_bytes(device)
+    memory_measure = ('torch.cuda.max_memory_allocated' if device.type == 'cuda' else
+                      'peak RSS of the process (getrusage)')
     peak = matmul_peak_flops(device)
     achieved = flops * train.images_per_s / batch_size
-    return dict(preset=preset.name, status='ok', device=device.type, device_name=device_name(device), torch=torch.__version__,
+    return dict(preset=preset.name, status='ok', device=device.type,
+                device_name=device_name(device), torch=torch.__version__,
                 parameters=sum(p.numel() for p in model.parameters()), batch_size=batch_size,
-                image_shape=list(preset.model.image_shape), compile=compiled, channels_last=channels_last,
-                mixed_precision=mixed_precision,
+                image_shape=list(preset.model.image_shape), compile=compiled,
+                channels_last=channels_last, mixed_precision=mixed_precision,
                 threads=torch.get_num_threads(),
                 train_images_per_s=train.images_per_s, train_images_per_s_repeats=train.repeats,
                 train_steps_per_repeat=train.calls_per_repeat, first_step_s=train.first_call_s,
                 sample_images_per_s=sample.images_per_s, sample_images_per_s_repeats=sample.repeats,
-                peak_memory_bytes=memory, baseline_rss_bytes=baseline if device.type == 'cpu' else None,
-                memory_measure='torch.cuda.max_memory_allocated' if device.type == 'cuda' else 'peak RSS of the process (getrusage)',
-                flops_per_step=flops, flops_per_image=flops / batch_size, achieved_flops_per_s=achieved,
-                matmul_peak_flops_per_s=peak, mfu=achieved / peak)
+                peak_memory_bytes=memory,
+                baseline_rss_bytes=baseline if device.type == 'cpu' else None,
+                memory_measure=memory_measure,
+                flops_per_step=flops, flops_per_image=flops / batch_size,
+                achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak, mfu=achieved / peak)
 
 # %% ../nbs/13_bench.ipynb #0e43a614
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)): return True
-    return isinstance(error, RuntimeError) and any(s in str(error) for s in ('out of memory', "can't allocate memory"))
+    messages = ('out of memory', "can't allocate memory")
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in messages)
 
 def benchmark_or_report(preset: Preset, **options) -> dict:
-    "`benchmark_preset`, with an out-of-memory error or any other failure reported in the result instead of raised."
+    """`benchmark_preset`, with an out-of-memory error or any other failure reported in the result
+    instead of raised."""
     try: return benchmark_preset(preset, **options)
     except Exception as e:
         status = 'oom' if is_out_of_memory(e) else 'error'
-        return dict(preset=preset.name, status=status, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+        text = str(e).strip()
+        first_line = text.splitlines()[0][:300] if text else ''
+        return dict(preset=preset.name, status=status, error=f"{type(e).__name__}: {first_line}")
 
 # %% ../nbs/13_bench.ipynb #a2377a87
-WORKER_FLAGS = dict(batch_size='--batch-size', steps='--steps', repeats='--repeats', warmup='--warmup', compiled='--compile',
-                    channels_last='--channels-last', device='--device', budget_s='--budget', threads='--threads',
+WORKER_FLAGS = dict(batch_size='--batch-size', steps='--steps', repeats='--repeats',
+                    warmup='--warmup', compiled='--compile', channels_last='--channels-last',
+                    device='--device', budget_s='--budget', threads='--threads',
                     mixed_precision='--mixed-precision')
 
 def worker_arguments(options: dict) -> list[str]:
@@ -186,13 +211,19 @@ def worker_timeout(options: dict) -> float:
 def run_isolated(name: str, options: dict) -> dict:
     "Benchmark preset `name` in a fresh Python process and return its result."
     package_root = str(Path(__file__).resolve().parent.parent)
-    environment = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))}
+    python_path = os.pathsep.join(filter(None, [package_root, os.environ.get('PYTHONPATH')]))
+    environment = {**os.environ, 'PYTHONPATH': python_path}
     command = [sys.executable, '-m', 'hvae_nb.bench', '--worker', name, *worker_arguments(options)]
-    try: done = subprocess.run(command, capture_output=True, text=True, timeout=worker_timeout(options), env=environment)
-    except subprocess.TimeoutExpired: return dict(preset=name, status='timeout', error=f'no result after {worker_timeout(options):.0f} s')
+    timeout = worker_timeout(options)
+    try: done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                               env=environment)
+    except subprocess.TimeoutExpired:
+        return dict(preset=name, status='timeout', error=f'no result after {timeout:.0f} s')
     results = [l for l in done.stdout.splitlines() if l.startswith('{')]
     if done.returncode == 0 and results: return json.loads(results[-1])
-    if done.returncode in (-9, 137): return dict(preset=name, status='oom', error='the worker was killed (SIGKILL), most likely out of memory')
+    if done.returncode in (-9, 137):
+        return dict(preset=name, status='oom',
+                    error='the worker was killed (SIGKILL), most likely out of memory')
     last = (done.stderr.strip().splitlines() or ['no output'])[-1]
     return dict(preset=name, status='error', error=f'worker exit status {done.returncode}: {last}')
 
@@ -202,69 +233,93 @@ def images_per_s(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 def format_row(r: dict) -> list[str]:
-    if r.get('status') != 'ok': return [r['preset'], '', '', '', '', '', '', '', f"{r.get('status')}: {r.get('error', '')}"[:60]]
-    return [r['preset'], f"{r['parameters'] / 1e6:.2f}M", str(r['batch_size']), images_per_s(r['train_images_per_s']),
-            images_per_s(r['sample_images_per_s']), f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['flops_per_step'] / 1e9:.3f}",
+    if r.get('status') != 'ok':
+        status = f"{r.get('status')}: {r.get('error', '')}"
+        return [r['preset'], '', '', '', '', '', '', '', status[:60]]
+    return [r['preset'], f"{r['parameters'] / 1e6:.2f}M", str(r['batch_size']),
+            images_per_s(r['train_images_per_s']), images_per_s(r['sample_images_per_s']),
+            f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['flops_per_step'] / 1e9:.3f}",
             f"{r['mfu']:.3f}", 'ok']
 
-TABLE_HEADER = ['preset', 'params', 'batch', 'train img/s', 'sample img/s', 'peak MiB', 'GFLOP/step', 'MFU', 'status']
+TABLE_HEADER = ['preset', 'params', 'batch', 'train img/s', 'sample img/s', 'peak MiB',
+                'GFLOP/step', 'MFU', 'status']
 
 def format_table(results: list[dict]) -> str:
     rows = [TABLE_HEADER] + [format_row(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
-    lines = ['  '.join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    padded = lambda row: [cell.ljust(w) if i == 0 else cell.rjust(w)
+                          for i, (cell, w) in enumerate(zip(row, widths))]
+    lines = ['  '.join(padded(row)).rstrip() for row in rows]
     lines.insert(1, '-' * len(lines[0]))
     ok = [r for r in results if r.get('status') == 'ok']
-    if ok: lines.append(f"device: {ok[0]['device_name']} ({ok[0]['threads']} threads); matmul peak {ok[0]['matmul_peak_flops_per_s'] / 1e9:,.0f} GFLOP/s (float32, measured); "
-                        f"peak memory: {ok[0]['memory_measure']}")
+    if ok: lines.append(f"device: {ok[0]['device_name']} ({ok[0]['threads']} threads); "
+                        f"matmul peak {ok[0]['matmul_peak_flops_per_s'] / 1e9:,.0f} GFLOP/s "
+                        f"(float32, measured); peak memory: {ok[0]['memory_measure']}")
     return '\n'.join(lines)
 
 # %% ../nbs/13_bench.ipynb #0dcfb769
-def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int, budget: float, device, threads,
-                        mixed_precision: str = 'no'):
+def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int,
+                        budget: float, device, threads, mixed_precision: str = 'no'):
     if mixed_precision not in ('no', 'fp16', 'bf16'):
         raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {mixed_precision!r}")
     for name in names: get_preset(name)
     for option, value in dict(steps=steps, repeats=repeats, budget=budget).items():
         if value <= 0: raise ConfigError(f"--{option} must be positive, got {value}")
-    if warmup < 1: raise ConfigError(f"--warmup must be at least 1 (the first call is never timed), got {warmup}")
-    if batch_size is not None and batch_size < 1: raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    if threads is not None and threads < 1: raise ConfigError(f"--threads must be positive, got {threads}")
+    if warmup < 1:
+        raise ConfigError("--warmup must be at least 1 (the first call is never timed), "
+                          f"got {warmup}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be positive, got {threads}")
     if device is not None:
         try: kind = torch.device(device).type
-        except RuntimeError: raise ConfigError(f"--device {device!r} is not a device PyTorch knows") from None
-        if kind == 'cuda' and not torch.cuda.is_available(): raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        except RuntimeError:
+            raise ConfigError(f"--device {device!r} is not a device PyTorch knows") from None
+        if kind == 'cuda' and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
 
 def open_output(out: str | None):
     if out is None: return None
     try: return open(out, 'w')
-    except OSError as e: raise ConfigError(f"--out {out}: cannot write there ({e.strerror})") from None
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror})") from None
 
 # %% ../nbs/13_bench.ipynb #68422ece
-def bench_command(presets: Param("presets to measure (default: every preset)", str, nargs='*') = None,
-                  batch_size: int = None,       # images per step (default: each preset's training batch size)
+def bench_command(presets: Param("presets to measure (default: every preset)", str,
+                                 nargs='*') = None,
+                  # images per step (default: each preset's training batch size)
+                  batch_size: int = None,
                   steps: int = 5,               # timed calls per repeat
                   repeats: int = 3,             # timed repeats; the median is reported
                   warmup: int = 2,              # untimed calls first (compilation, allocation)
-                  budget: float = 5.0,          # seconds per measurement: slow presets get fewer calls
+                  # seconds per measurement: slow presets get fewer calls
+                  budget: float = 5.0,
                   device: str = None,           # cpu or cuda (default: cuda when available)
                   threads: int = None,          # PyTorch CPU threads (default: PyTorch's choice)
                   compile: store_true = False,  # measure the model's forward under torch.compile
-                  channels_last: store_true = False,  # channels-last memory layout for weights and images
-                  mixed_precision: str = 'no',  # no, fp16 or bf16: autocast in the training step, as train's option
-                  out: str = None,              # write the JSON lines to this file instead of standard output
-                  in_process: store_true = False,     # all presets in this process (peak RSS is then cumulative)
-                  worker: str = None):          # (internal) measure this one preset and print its JSON line
+                  # channels-last memory layout for weights and images
+                  channels_last: store_true = False,
+                  # no, fp16 or bf16: autocast in the training step, as train's option
+                  mixed_precision: str = 'no',
+                  # write the JSON lines to this file instead of standard output
+                  out: str = None,
+                  # all presets in this process (peak RSS is then cumulative)
+                  in_process: store_true = False,
+                  # (internal) measure this one preset and print its JSON line
+                  worker: str = None):
     "Benchmark presets: throughput, peak memory, FLOPs and MFU, as JSON lines and a table."
     names = [worker] if worker else (presets or list(PRESETS))
-    check_bench_options(names, batch_size, steps, repeats, warmup, budget, device, threads, mixed_precision)
-    options = dict(batch_size=batch_size, steps=steps, repeats=repeats, warmup=warmup, compiled=compile,
-                   channels_last=channels_last, device=device, budget_s=budget, threads=threads,
-                   mixed_precision=mixed_precision)
+    check_bench_options(names, batch_size, steps, repeats, warmup, budget, device, threads,
+                        mixed_precision)
+    options = dict(batch_size=batch_size, steps=steps, repeats=repeats, warmup=warmup,
+                   compiled=compile, channels_last=channels_last, device=device, budget_s=budget,
+                   threads=threads, mixed_precision=mixed_precision)
     if worker: print(json.dumps(benchmark_or_report(get_preset(worker), **options))); return
     sink, results = open_output(out), []
     for name in names:
-        result = benchmark_or_report(get_preset(name), **options) if in_process else run_isolated(name, options)
+        if in_process: result = benchmark_or_report(get_preset(name), **options)
+        else: result = run_isolated(name, options)
         print(json.dumps(result), file=sink or sys.stdout, flush=True)
         results.append(result)
     if sink: sink.close()

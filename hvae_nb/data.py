@@ -47,38 +47,47 @@ DEFAULT_DATA_DIR = "~/.cache/hvae_nb"
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     "The data directory: `data_dir` if given, else `$HVAE_DATA`, else `~/.cache/hvae_nb`."
     # An empty HVAE_DATA= counts as unset, like most shells' notion of "no value".
-    chosen = data_dir if data_dir is not None else (os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    from_env = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    chosen = data_dir if data_dir is not None else from_env
     return Path(chosen).expanduser()
 
 # %% ../nbs/01_data.ipynb #80832c1d
 @dataclass(frozen=True)
 class RemoteFile:
-    "Where an official data file can be downloaded from (tried in order), and its published checksums."
+    """Where an official data file can be downloaded from (tried in order), and its published
+    checksums."""
     urls: tuple[str, ...]
     md5: str | None = None
     sha256: str | None = None
 
-MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "http://yann.lecun.com/exdb/mnist/")
 
 def _mnist_file(name: str, md5: str, sha256: str) -> RemoteFile:
     return RemoteFile(tuple(mirror + name for mirror in MNIST_MIRRORS), md5=md5, sha256=sha256)
 
 # Keys are paths relative to the data directory.
 OFFICIAL_FILES: dict[str, RemoteFile] = {
-    "mnist/train-images-idx3-ubyte.gz": _mnist_file("train-images-idx3-ubyte.gz",
-        "f68b3c2dcbeaaa9fbdd348bbdeb94873", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
-    "mnist/train-labels-idx1-ubyte.gz": _mnist_file("train-labels-idx1-ubyte.gz",
-        "d53e105ee54ea40749a09fcbcd1e9432", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-    "mnist/t10k-images-idx3-ubyte.gz": _mnist_file("t10k-images-idx3-ubyte.gz",
-        "9fb629c4189551a2d022fa330f9573f3", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
-    "mnist/t10k-labels-idx1-ubyte.gz": _mnist_file("t10k-labels-idx1-ubyte.gz",
-        "ec29112dd5afa0611ce80d1b7f02629c", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    "mnist/train-images-idx3-ubyte.gz": _mnist_file(
+        "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    "mnist/train-labels-idx1-ubyte.gz": _mnist_file(
+        "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432",
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    "mnist/t10k-images-idx3-ubyte.gz": _mnist_file(
+        "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3",
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    "mnist/t10k-labels-idx1-ubyte.gz": _mnist_file(
+        "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c",
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
     "cifar10/cifar-10-binary.tar.gz": RemoteFile(
-        ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",), md5="c32a1d4ab5d03f1284b67883e8d87530"),
+        ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
+        md5="c32a1d4ab5d03f1284b67883e8d87530"),
 }
 
 # No published checksums: the download is checked by shape and values instead.
-BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{split}.amat"
+BINARIZED_MNIST_URL = ("http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+                       "binarized_mnist_{split}.amat")
 
 # %% ../nbs/01_data.ipynb #9d0357df
 def _hex_digests(path: Path) -> dict[str, str]:
@@ -92,9 +101,11 @@ def _check_digests(path: Path, url: str, expected: dict[str, str | None]):
     actual = _hex_digests(path)
     for name, digest in expected.items():
         if digest is not None and actual[name] != digest.lower():
-            raise DataError(f"checksum mismatch for {url}: expected {name} {digest}, got {actual[name]}")
+            raise DataError(f"checksum mismatch for {url}: expected {name} {digest}, "
+                            f"got {actual[name]}")
 
-def download_file(url: str, dest: str | Path, sha256: str | None = None, md5: str | None = None) -> Path:
+def download_file(url: str, dest: str | Path, sha256: str | None = None,
+                  md5: str | None = None) -> Path:
     "Download `url` to `dest` atomically, verifying `sha256`/`md5` when given."
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +125,10 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, md5: st
 
 # %% ../nbs/01_data.ipynb #fec7adba
 def _missing_file_error(path: Path, how_to_fetch: str, alternative: str = "") -> DataError:
-    return DataError(f"{path} not found. Put {path.name}{alternative} in {path.parent} (the data directory comes from "
-                     f"--data-dir on the command line or data_dir= in Python, else ${DATA_DIR_ENV}, else "
-                     f"{DEFAULT_DATA_DIR}), or fetch it from {how_to_fetch} with --download (download=True in Python).")
+    return DataError(f"{path} not found. Put {path.name}{alternative} in {path.parent} (the data "
+                     f"directory comes from --data-dir on the command line or data_dir= in Python, "
+                     f"else ${DATA_DIR_ENV}, else {DEFAULT_DATA_DIR}), or fetch it from "
+                     f"{how_to_fetch} with --download (download=True in Python).")
 
 def ensure_file(data_dir: Path, relative: str, download: bool) -> Path:
     "Path of the official file `relative` under `data_dir`, downloading it first if asked to."
@@ -130,7 +142,8 @@ def ensure_file(data_dir: Path, relative: str, download: bool) -> Path:
     raise DataError(f"every source for {path.name} failed: " + "; ".join(failures))
 
 # %% ../nbs/01_data.ipynb #a71faab5
-IDX_DIMENSIONS = {2051: 3, 2049: 1}  # magic number -> dimensions: images (count, rows, columns), labels (count,)
+# magic number -> dimensions: images (count, rows, columns), labels (count,)
+IDX_DIMENSIONS = {2051: 3, 2049: 1}
 
 def _read_gzip(path: Path) -> bytes:
     if not path.is_file(): raise DataError(f"{path}: no such file")
@@ -152,7 +165,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     shape = struct.unpack(f">{IDX_DIMENSIONS[magic]}I", raw[4:header_length])
     expected = header_length + int(np.prod(shape))
     if len(raw) != expected:
-        raise DataError(f"{path}: header promises shape {shape}, i.e. {expected} bytes, but the file holds {len(raw)}")
+        raise DataError(f"{path}: header promises shape {shape}, i.e. {expected} bytes, "
+                        f"but the file holds {len(raw)}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_length).reshape(shape).copy()
 
 # %% ../nbs/01_data.ipynb #821650ab
@@ -160,10 +174,12 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.
                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 def _check_split(split: str, known) -> None:
-    if split not in known: raise DataError(f"unknown split {split!r}; expected one of {', '.join(known)}")
+    if split not in known:
+        raise DataError(f"unknown split {split!r}; expected one of {', '.join(known)}")
 
 def _check_labels(labels: np.ndarray, count: int, source) -> np.ndarray:
-    if labels.shape != (count,): raise DataError(f"{source}: labels have shape {labels.shape}, expected ({count},)")
+    if labels.shape != (count,):
+        raise DataError(f"{source}: labels have shape {labels.shape}, expected ({count},)")
     if count and labels.max() > 9: raise DataError(f"{source}: label {labels.max()} is outside 0-9")
     return labels.astype(np.int64)
 
@@ -171,7 +187,8 @@ def load_mnist(split: str, data_dir=None, download: bool = False) -> tuple[np.nd
     "MNIST `split` ('train' or 'test') as uint8 images (N,1,28,28) and int64 labels (N,)."
     _check_split(split, MNIST_FILES)
     root = resolve_data_dir(data_dir)
-    image_file, label_file = (ensure_file(root, f"mnist/{name}", download) for name in MNIST_FILES[split])
+    image_file, label_file = (ensure_file(root, f"mnist/{name}", download)
+                              for name in MNIST_FILES[split])
     images = read_idx(image_file)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{image_file}: images have shape {images.shape}, expected (N, 28, 28)")
@@ -187,31 +204,38 @@ def _read_packed_split(path: Path, split: str) -> np.ndarray:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(f"{path}: not a readable .npz archive ({error})") from error
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: holds a single array, expected an .npz archive with arrays train, valid, test")
+        raise DataError(f"{path}: holds a single array, expected an .npz archive with arrays "
+                        "train, valid, test")
     with archive:
-        if split not in archive.files: raise DataError(f"{path}: no array {split!r}; found {archive.files}")
+        if split not in archive.files:
+            raise DataError(f"{path}: no array {split!r}; found {archive.files}")
         try: return archive[split]
         except (OSError, ValueError, zipfile.BadZipFile, zlib.error) as error:
             raise DataError(f"{path}: array {split!r} cannot be read ({error})") from error
 
 def load_binarized_mnist(split: str, data_dir=None, download: bool = False) -> np.ndarray:
-    "Fixed binarised MNIST `split` ('train', 'valid' or 'test') as uint8 images (N,1,28,28) in {0,1}."
+    """Fixed binarised MNIST `split` ('train', 'valid' or 'test') as uint8 images (N,1,28,28) in
+    {0,1}."""
     _check_split(split, BINARIZED_MNIST_ROWS)
     path = resolve_data_dir(data_dir)/BINARIZED_MNIST_FILE
     if not path.exists():
-        if not download: raise _missing_file_error(path, BINARIZED_MNIST_URL.format(split="{train,valid,test}"))
+        if not download:
+            raise _missing_file_error(path, BINARIZED_MNIST_URL.format(split="{train,valid,test}"))
         download_binarized_mnist(path)
     packed = _read_packed_split(path, split)
     expected = (BINARIZED_MNIST_ROWS[split], (MNIST_PIXELS + 7)//8)  # 784 bits pack into 98 bytes
     if packed.shape != expected or packed.dtype != np.uint8:
-        raise DataError(f"{path}: array {split!r} is {packed.dtype} {packed.shape}, expected uint8 {expected}")
+        raise DataError(f"{path}: array {split!r} is {packed.dtype} {packed.shape}, "
+                        f"expected uint8 {expected}")
     return np.unpackbits(packed, axis=1)[:, :MNIST_PIXELS].reshape(-1, 1, 28, 28)
 
 # %% ../nbs/01_data.ipynb #2532b67b
 def _parse_amat(path: Path, expected_rows: int) -> np.ndarray:
-    "Rows of 784 whitespace-separated 0/1 values, checked by shape and value since no checksum exists."
+    """Rows of 784 whitespace-separated 0/1 values, checked by shape and value since no checksum
+    exists."""
     try: rows = np.loadtxt(path, dtype=np.float32, ndmin=2)
-    except ValueError as error: raise DataError(f"{path}: not a table of numbers ({error})") from error
+    except ValueError as error:
+        raise DataError(f"{path}: not a table of numbers ({error})") from error
     if rows.shape != (expected_rows, MNIST_PIXELS):
         raise DataError(f"{path}: shape {rows.shape}, expected ({expected_rows}, {MNIST_PIXELS})")
     if not np.isin(rows, (0, 1)).all(): raise DataError(f"{path}: values other than 0 and 1")
@@ -233,20 +257,23 @@ def download_binarized_mnist(path: Path) -> Path:
     packed = {}
     with tempfile.TemporaryDirectory(dir=path.parent) as workspace:
         for split in BINARIZED_MNIST_ROWS:
-            text = download_file(BINARIZED_MNIST_URL.format(split=split), Path(workspace)/f"{split}.amat")
+            url = BINARIZED_MNIST_URL.format(split=split)
+            text = download_file(url, Path(workspace)/f"{split}.amat")
             packed[split] = np.packbits(_parse_amat(text, BINARIZED_MNIST_ROWS[split]), axis=1)
     return _save_npz_atomically(path, packed)
 
 # %% ../nbs/01_data.ipynb #b34134b7
 CIFAR_RECORD_BYTES = 1 + 3*32*32
-CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)}
+CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+                 "test": ("test_batch.bin",)}
 CIFAR_ARCHIVE = "cifar10/cifar-10-binary.tar.gz"
 CIFAR_EXTRACTED = "cifar10/cifar-10-batches-bin"
 
 def parse_cifar_records(raw: bytes, source) -> tuple[np.ndarray, np.ndarray]:
     "Decode CIFAR-10 binary records into uint8 images (N,3,32,32) and int64 labels (N,)."
     if len(raw) == 0 or len(raw) % CIFAR_RECORD_BYTES:
-        raise DataError(f"{source}: {len(raw)} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte records")
+        raise DataError(f"{source}: {len(raw)} bytes is not a whole number of "
+                        f"{CIFAR_RECORD_BYTES}-byte records")
     records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD_BYTES)
     images = records[:, 1:].reshape(-1, 3, 32, 32).copy()
     return images, _check_labels(records[:, 0], len(records), source)
@@ -260,22 +287,28 @@ def _batches_from_folder(folder: Path, names) -> list[tuple[bytes, Path]]:
 def _batches_from_archive(archive: Path, names) -> list[tuple[bytes, str]]:
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            # The official archive nests the files in cifar-10-batches-bin/; match on the file name alone.
+            # The official archive nests the files in cifar-10-batches-bin/; match on the file name
+            # alone.
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             missing = [name for name in names if name not in members]
             if missing: raise DataError(f"{archive}: no member {', '.join(missing)}")
-            return [(tar.extractfile(members[name]).read(), f"{archive}:{members[name].name}") for name in names]
+            return [(tar.extractfile(members[name]).read(), f"{archive}:{members[name].name}")
+                    for name in names]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
         raise DataError(f"{archive}: not a readable tar.gz archive ({error})") from error
 
-def load_cifar10(split: str, data_dir=None, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_cifar10(split: str, data_dir=None,
+                 download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     "CIFAR-10 `split` ('train' or 'test') as uint8 images (N,3,32,32) and int64 labels (N,)."
     _check_split(split, CIFAR_BATCHES)
     root = resolve_data_dir(data_dir)
-    archive = root/CIFAR_ARCHIVE
-    if (root/CIFAR_EXTRACTED).is_dir(): batches = _batches_from_folder(root/CIFAR_EXTRACTED, CIFAR_BATCHES[split])
-    elif archive.exists() or download: batches = _batches_from_archive(ensure_file(root, CIFAR_ARCHIVE, download), CIFAR_BATCHES[split])
-    else: raise _missing_file_error(archive, OFFICIAL_FILES[CIFAR_ARCHIVE].urls[0], alternative=" (or its extracted folder cifar-10-batches-bin/)")
+    archive, extracted, names = root/CIFAR_ARCHIVE, root/CIFAR_EXTRACTED, CIFAR_BATCHES[split]
+    if extracted.is_dir(): batches = _batches_from_folder(extracted, names)
+    elif archive.exists() or download:
+        batches = _batches_from_archive(ensure_file(root, CIFAR_ARCHIVE, download), names)
+    else:
+        raise _missing_file_error(archive, OFFICIAL_FILES[CIFAR_ARCHIVE].urls[0],
+                                  alternative=" (or its extracted folder cifar-10-batches-bin/)")
     decoded = [parse_cifar_records(raw, source) for raw, source in batches]
     return np.concatenate([d[0] for d in decoded]), np.concatenate([d[1] for d in decoded])
 
@@ -283,9 +316,11 @@ def load_cifar10(split: str, data_dir=None, download: bool = False) -> tuple[np.
 DIGITS_TRAIN_SIZE = 1500
 
 def load_digits_images(split: str) -> tuple[np.ndarray, np.ndarray]:
-    "scikit-learn's 8x8 digits `split` ('train': 1500, 'test': 297) as float32 (N,1,8,8) in [0,1] and labels."
+    """scikit-learn's 8x8 digits `split` ('train': 1500, 'test': 297) as float32 (N,1,8,8) in [0,1]
+    and labels."""
     _check_split(split, ("train", "test"))
-    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import and only this needs it
+    # imported here: scikit-learn is slow to import and only this needs it
+    from sklearn.datasets import load_digits
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.images))
     chosen = order[:DIGITS_TRAIN_SIZE] if split == "train" else order[DIGITS_TRAIN_SIZE:]
@@ -294,7 +329,8 @@ def load_digits_images(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 # %% ../nbs/01_data.ipynb #6ebd2ce3
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    "Sample binary pixels with probability equal to the grey values `x` in [0,1] (dynamic binarisation)."
+    """Sample binary pixels with probability equal to the grey values `x` in [0,1] (dynamic
+    binarisation)."""
     return torch.bernoulli(x, generator=generator)
 
 def fixed_binarization(x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -307,7 +343,8 @@ class ImageData:
     "Train and test images of one dataset, with the likelihood and binarisation they call for."
     name: str
     train: torch.Tensor          # float32 (N, C, H, W) in [0, 1]
-    test: torch.Tensor           # float32 (N, C, H, W) in [0, 1]; binary datasets are already binarised
+    # float32 (N, C, H, W) in [0, 1]; binary datasets are already binarised
+    test: torch.Tensor
     likelihood: str              # "bernoulli" or "logistic_mixture"
     dynamic_binarization: bool   # True: the trainer calls binarize() on every training batch
 
@@ -322,44 +359,56 @@ def _float(images: np.ndarray, scale: float) -> torch.Tensor:
 
 def digits_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     train, test = (torch.from_numpy(load_digits_images(split)[0]) for split in ("train", "test"))
-    return ImageData("digits", train, fixed_binarization(test, test_seed), "bernoulli", dynamic_binarization=True)
+    return ImageData("digits", train, fixed_binarization(test, test_seed), "bernoulli",
+                     dynamic_binarization=True)
 
 def mnist_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
-    train, test = (_float(load_mnist(split, data_dir, download)[0], 255) for split in ("train", "test"))
-    return ImageData("mnist", train, fixed_binarization(test, test_seed), "bernoulli", dynamic_binarization=True)
+    train, test = (_float(load_mnist(split, data_dir, download)[0], 255)
+                   for split in ("train", "test"))
+    return ImageData("mnist", train, fixed_binarization(test, test_seed), "bernoulli",
+                     dynamic_binarization=True)
 
 def binarized_mnist_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     # Already binary on disk, so test_seed has nothing to choose; the validation split stays
     # available through load_binarized_mnist("valid").
-    train, test = (_float(load_binarized_mnist(split, data_dir, download), 1) for split in ("train", "test"))
+    train, test = (_float(load_binarized_mnist(split, data_dir, download), 1)
+                   for split in ("train", "test"))
     return ImageData("binarized_mnist", train, test, "bernoulli", dynamic_binarization=False)
 
 def binarized_mnist_trainval_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     # The final-training variant: the 10,000 validation images join the 50,000 training images.
-    splits = {split: _float(load_binarized_mnist(split, data_dir, download), 1) for split in ("train", "valid", "test")}
-    return ImageData("binarized_mnist_trainval", torch.cat([splits["train"], splits["valid"]]), splits["test"], "bernoulli",
+    splits = {split: _float(load_binarized_mnist(split, data_dir, download), 1)
+              for split in ("train", "valid", "test")}
+    train = torch.cat([splits["train"], splits["valid"]])
+    return ImageData("binarized_mnist_trainval", train, splits["test"], "bernoulli",
                      dynamic_binarization=False)
 
 def cifar10_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
-    train, test = (_float(load_cifar10(split, data_dir, download)[0], 255) for split in ("train", "test"))
+    train, test = (_float(load_cifar10(split, data_dir, download)[0], 255)
+                   for split in ("train", "test"))
     return ImageData("cifar10", train, test, "logistic_mixture", dynamic_binarization=False)
 
 def mnist8bit_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
-    # The same files as `mnist`, but the grey levels are the data: 8-bit pixels for the logistic mixture.
-    train, test = (_float(load_mnist(split, data_dir, download)[0], 255) for split in ("train", "test"))
+    # The same files as `mnist`, but the grey levels are the data: 8-bit pixels for the logistic
+    # mixture.
+    train, test = (_float(load_mnist(split, data_dir, download)[0], 255)
+                   for split in ("train", "test"))
     return ImageData("mnist8bit", train, test, "logistic_mixture", dynamic_binarization=False)
 
 DATASETS: dict[str, Callable[..., ImageData]] = {
     "digits": digits_data, "mnist": mnist_data, "binarized_mnist": binarized_mnist_data,
-    "binarized_mnist_trainval": binarized_mnist_trainval_data, "cifar10": cifar10_data, "mnist8bit": mnist8bit_data}
+    "binarized_mnist_trainval": binarized_mnist_trainval_data, "cifar10": cifar10_data,
+    "mnist8bit": mnist8bit_data}
 
 def load_data(name: str, data_dir=None, download: bool = False, test_seed: int = 0) -> ImageData:
     "Load the dataset `name` (a key of `DATASETS`) as an `ImageData`."
-    if name not in DATASETS: raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return DATASETS[name](data_dir=data_dir, download=download, test_seed=test_seed)
 
 # %% ../nbs/01_data.ipynb #a0ecc653
-VDVAE_ARRAYS = {  # dataset: (array, test array or None, seed of the held-out permutation, held out), as in data.py
+# dataset: (array, test array or None, seed of the held-out permutation, held out), as in data.py
+VDVAE_ARRAYS = {
     "imagenet32": ("imagenet32-train.npy", "imagenet32-valid.npy", 42, 5000),
     "imagenet64": ("imagenet64-train.npy", "imagenet64-valid.npy", 42, 5000),
     "ffhq256": ("ffhq-256.npy", None, 5, 7000),
@@ -367,19 +416,24 @@ VDVAE_ARRAYS = {  # dataset: (array, test array or None, seed of the held-out pe
 }
 
 def read_pixel_array(path: Path) -> np.ndarray:
-    "A memory-mapped uint8 array of RGB images (N, H, W, 3), as openai/vdvae's setup scripts write them."
+    """A memory-mapped uint8 array of RGB images (N, H, W, 3), as openai/vdvae's setup scripts write
+    them."""
     if not path.is_file():
-        raise DataError(f"{path} not found. Write it with openai/vdvae's setup script for this dataset (setup_imagenet.sh, "
-                        f"setup_ffhq256.sh, or files_to_npy.py for FFHQ-1024) and put it in {path.parent} (the data "
-                        f"directory comes from --data-dir, ${DATA_DIR_ENV}, or {DEFAULT_DATA_DIR}); it is not downloaded "
-                        "automatically.")
+        raise DataError(f"{path} not found. Write it with openai/vdvae's setup script for this "
+                        f"dataset (setup_imagenet.sh, setup_ffhq256.sh, or files_to_npy.py for "
+                        f"FFHQ-1024) and put it in {path.parent} (the data directory comes from "
+                        f"--data-dir, ${DATA_DIR_ENV}, or {DEFAULT_DATA_DIR}); it is not "
+                        "downloaded automatically.")
     try: array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error: raise DataError(f"{path}: not a readable .npy array ({error})") from error
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable .npy array ({error})") from error
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-        raise DataError(f"{path}: {array.dtype} array of shape {array.shape}, expected uint8 images (N, H, W, 3)")
+        raise DataError(f"{path}: {array.dtype} array of shape {array.shape}, "
+                        "expected uint8 images (N, H, W, 3)")
     return array
 
-def _channels_first(array: np.ndarray, rows: np.ndarray | None = None, chunk: int = 2048) -> torch.Tensor:
+def _channels_first(array: np.ndarray, rows: np.ndarray | None = None,
+                    chunk: int = 2048) -> torch.Tensor:
     "Rows of an (N, H, W, 3) uint8 array as float32 (n, 3, H, W) in [0, 1], a chunk at a time."
     rows = np.arange(len(array)) if rows is None else rows
     out = torch.empty(len(rows), array.shape[3], *array.shape[1:3])
@@ -393,12 +447,19 @@ def vdvae_array_data(name: str, data_dir=None, download=False, test_seed: int = 
     array_file, test_file, seed, held_out = VDVAE_ARRAYS[name]
     folder = resolve_data_dir(data_dir)/name
     everything = read_pixel_array(folder/array_file)
-    if seed is None: return ImageData(name, _channels_first(everything), _channels_first(read_pixel_array(folder/test_file)),
-                                      "logistic_mixture", dynamic_binarization=False)
-    if len(everything) <= held_out: raise DataError(f"{folder/array_file}: {len(everything)} images, the split holds out {held_out}")
-    order = np.random.RandomState(seed).permutation(len(everything))    # np.random.seed(seed); np.random.permutation
-    train = _channels_first(everything, np.sort(order[:-held_out]))      # sorted: the memory map is read in order
-    test = (_channels_first(read_pixel_array(folder/test_file)) if test_file else _channels_first(everything, order[-held_out:]))
+    if seed is None:
+        train = _channels_first(everything)
+        test = _channels_first(read_pixel_array(folder/test_file))
+        return ImageData(name, train, test, "logistic_mixture", dynamic_binarization=False)
+    if len(everything) <= held_out:
+        raise DataError(f"{folder/array_file}: {len(everything)} images, the split holds out "
+                        f"{held_out}")
+    # np.random.seed(seed); np.random.permutation
+    order = np.random.RandomState(seed).permutation(len(everything))
+    # sorted: the memory map is read in order
+    train = _channels_first(everything, np.sort(order[:-held_out]))
+    test = (_channels_first(read_pixel_array(folder/test_file)) if test_file else
+            _channels_first(everything, order[-held_out:]))
     return ImageData(name, train, test, "logistic_mixture", dynamic_binarization=False)
 
 DATASETS.update({name: partial(vdvae_array_data, name) for name in VDVAE_ARRAYS})
@@ -419,16 +480,19 @@ def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 0.5) 
     rows = -(-count // nrow)  # ceiling division
     images = F.pad(images, (padding,)*4, value=pad_value)
     tile_height, tile_width = images.shape[-2:]
-    images = torch.cat([images, images.new_full((rows*nrow - count, channels, tile_height, tile_width), pad_value)])
+    blanks = images.new_full((rows*nrow - count, channels, tile_height, tile_width), pad_value)
+    images = torch.cat([images, blanks])
     tiles = images.reshape(rows, nrow, channels, tile_height, tile_width)
     return tiles.permute(2, 0, 3, 1, 4).reshape(channels, rows*tile_height, nrow*tile_width)
 
-def show_images(images, nrow: int = 8, ax=None, title: str | None = None, inches_per_image: float = 0.7):
+def show_images(images, nrow: int = 8, ax=None, title: str | None = None,
+                inches_per_image: float = 0.7):
     "Plot images (N,C,H,W) as a grid, grey for C=1 and colour for C=3; returns the matplotlib axes."
     images = torch.as_tensor(images)
     grid = image_grid(images, nrow).clamp(0, 1)
     if ax is None:
-        rows, columns = grid.shape[1] / (images.shape[-2] + 2), grid.shape[2] / (images.shape[-1] + 2)
+        rows = grid.shape[1] / (images.shape[-2] + 2)
+        columns = grid.shape[2] / (images.shape[-1] + 2)
         _, ax = plt.subplots(figsize=(columns*inches_per_image, rows*inches_per_image + 0.4))
     if grid.shape[0] == 1: ax.imshow(grid[0], cmap="gray", vmin=0, vmax=1)
     else: ax.imshow(grid.permute(1, 2, 0).numpy())
@@ -438,7 +502,8 @@ def show_images(images, nrow: int = 8, ax=None, title: str | None = None, inches
 
 # %% ../nbs/01_data.ipynb #86566ba7
 def random_subset(images: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
-    "`count` images drawn at random without replacement (seeded), or all of them when count is None or too large."
+    """`count` images drawn at random without replacement (seeded), or all of them when count is
+    None or too large."""
     if count is None or count >= len(images): return images
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[order[:count]]

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'MODEL_FAMILIES', 'STEPS_PER_MNIST_EPOCH', 'PRESETS', 'TrainConfig', 'Preset', 'register_family',
-           'get_preset', 'load_preset_data']
+           'nvae_recipe', 'get_preset', 'load_preset_data']
 
 # %% ../nbs/10_presets.ipynb #50654f74
 from dataclasses import dataclass
@@ -12,9 +12,10 @@ import difflib, math
 from pathlib import Path
 import torch
 from .data import DATASETS, DataError, ImageData, load_data
-from .vae import (ConfigError, ModelConfig, VAEConfig, check_choice, check_number, check_positive_ints,
-                         invalid)
+from .vae import (ConfigError, ModelConfig, VAEConfig, check_choice, check_number,
+                         check_positive_ints, invalid)
 from .lvae import LVAEConfig
+from .nvae import NVAEConfig
 from .autoregressive import NLayerVAEConfig
 from .vdvae import VDVAEConfig
 
@@ -23,19 +24,24 @@ OPTIMIZERS = {'adamw': torch.optim.AdamW, 'adamax': torch.optim.Adamax}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    "The training recipe. `batch_size` is global: summed over processes and gradient-accumulation micro-steps."
+    """The training recipe. `batch_size` is global: summed over processes and gradient-accumulation
+    micro-steps."""
     batch_size: int = 64
     lr: float = 1e-3
     max_steps: int = 2000
     optimizer: str = 'adamw'          # a key of OPTIMIZERS
     weight_decay: float = 0.0
+    optimizer_eps: float = 1e-8       # the optimiser's epsilon (NVAE's Adamax: 1e-3)
     adam_beta2: float = 0.999        # decay of the optimiser's second-moment estimate (VDVAE: 0.9)
     lr_warmup_steps: int = 0          # linear warm-up, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     kl_warmup_steps: int = 0          # beta rises linearly from 0 to 1 (Sonderby et al., 2016)
+    kl_warmup_floor: float = 0.0      # beta never below this (NVAE: 1e-4)
+    kl_warmup_hold_steps: int = 0     # steps at the floor before beta rises (NVAE: 1e-4 of all)
     free_bits: float = 0.0            # nats per latent group (Kingma et al., 2016)
     grad_clip: float = 200.0          # max global gradient norm; 0 = no clipping
-    skip_threshold: float = 0.0       # skip updates whose gradient norm exceeds this (VDVAE); 0 = never
+    # skip updates whose gradient norm exceeds this (VDVAE); 0 = never
+    skip_threshold: float = 0.0
     ema_decay: float = 0.0            # exponential moving average of the weights; 0 = off
     grad_accum: int = 1               # micro-steps per optimiser step
     eval_every: int = 500
@@ -43,20 +49,25 @@ class TrainConfig:
     eval_samples: int = 100           # importance samples for evaluations during training
     final_eval_samples: int = 1000    # importance samples for the final test NLL (whole test split)
     save_every: int = 1000
-    max_minutes: float = 0.0          # wall-clock budget: stop (checkpoint, then final evaluation) after this; 0 = none
+    # wall-clock budget: stop (checkpoint, then final evaluation) after this; 0 = none
+    max_minutes: float = 0.0
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
 
     def __post_init__(self):
-        check_positive_ints(self, 'batch_size', 'max_steps', 'grad_accum', 'eval_every', 'eval_examples',
-                            'eval_samples', 'final_eval_samples', 'save_every', 'keep_checkpoints', 'log_every')
-        check_positive_ints(self, 'lr_warmup_steps', 'kl_warmup_steps', 'seed', minimum=0)
+        check_positive_ints(self, 'batch_size', 'max_steps', 'grad_accum', 'eval_every',
+                            'eval_examples', 'eval_samples', 'final_eval_samples', 'save_every',
+                            'keep_checkpoints', 'log_every')
+        check_positive_ints(self, 'lr_warmup_steps', 'kl_warmup_steps', 'kl_warmup_hold_steps',
+                            'seed', minimum=0)
         check_number(self, 'lr', 0, 10, open_low=True)
         check_choice(self, 'optimizer', tuple(OPTIMIZERS))
         for name in ('weight_decay', 'free_bits', 'grad_clip', 'skip_threshold', 'max_minutes'):
             check_number(self, name, 0)
         check_number(self, 'min_lr_ratio', 0, 1)
+        check_number(self, 'optimizer_eps', 0, 1, open_low=True)
+        check_number(self, 'kl_warmup_floor', 0, 1)
         check_number(self, 'ema_decay', 0, 0.999999)
         check_number(self, 'adam_beta2', 0, 0.999999)
 
@@ -71,15 +82,19 @@ class Preset:
 
     def __post_init__(self):
         check_choice(self, 'dataset', tuple(DATASETS))
-        if not isinstance(self.model, ModelConfig): raise invalid(self, 'model', 'a ModelConfig of some family')
+        if not isinstance(self.model, ModelConfig):
+            raise invalid(self, 'model', 'a ModelConfig of some family')
 
 # %% ../nbs/10_presets.ipynb #f6edcd2d
 MODEL_FAMILIES: dict[str, type] = {
-    config.family: config for config in (VAEConfig, LVAEConfig, NLayerVAEConfig, VDVAEConfig)}
+    config.family: config
+    for config in (VAEConfig, LVAEConfig, NVAEConfig, VDVAEConfig, NLayerVAEConfig)}
 
 def register_family(config_class: type) -> type:
-    "Make a model configuration class defined outside the package known, so its run directories load back."
-    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig) and config_class.family):
+    """Make a model configuration class defined outside the package known, so its run directories
+    load back."""
+    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)
+            and config_class.family):
         raise ConfigError(f"{config_class!r} is not a ModelConfig subclass with a `family` name")
     MODEL_FAMILIES[config_class.family] = config_class
     return config_class
@@ -90,147 +105,240 @@ STEPS_PER_MNIST_EPOCH = 60_000 / 256     # lvae_mnist's batch of 256
 _PRESET_LIST = [
     Preset('vae_digits', 'digits',
            VAEConfig(image_shape=(1, 8, 8), latent_dim=8, hidden_dims=(256, 128)),
-           TrainConfig(batch_size=64, lr=2e-3, max_steps=1500, eval_every=500, save_every=500, eval_examples=297),
-           "A vanilla VAE on scikit-learn's 8x8 digits, dynamically binarised: trains in well under a minute on "
-           "CPU."),
+           TrainConfig(batch_size=64, lr=2e-3, max_steps=1500, eval_every=500, save_every=500,
+                       eval_examples=297),
+           "A vanilla VAE on scikit-learn's 8x8 digits, dynamically binarised: trains in well "
+           "under a minute on CPU."),
     Preset('vae_mnist', 'mnist',
            VAEConfig(image_shape=(1, 28, 28), latent_dim=50, hidden_dims=(500, 500)),
-           TrainConfig(batch_size=100, lr=1e-3, max_steps=30_000, eval_every=5000, save_every=5000, log_every=100),
-           "A one-group VAE on dynamically binarised MNIST: two hidden layers of 500 ELU units and 50 latent "
-           "dimensions (Kingma & Welling 2014 use one hidden layer of 500, Burda et al. 2015 two of 200 tanh "
-           "units); 30,000 steps of batch 100 (50 epochs)."),
+           TrainConfig(batch_size=100, lr=1e-3, max_steps=30_000, eval_every=5000, save_every=5000,
+                       log_every=100),
+           "A one-group VAE on dynamically binarised MNIST: two hidden layers of 500 ELU units "
+           "and 50 latent dimensions (Kingma & Welling 2014 use one hidden layer of 500, Burda "
+           "et al. 2015 two of 200 tanh units); 30,000 steps of batch 100 (50 epochs)."),
     Preset('lvae_digits', 'digits',
            LVAEConfig(image_shape=(1, 8, 8), latent_dims=(16, 8, 4), hidden_dims=(128, 64, 32)),
-           TrainConfig(batch_size=64, lr=2e-3, max_steps=3000, kl_warmup_steps=1000, eval_every=1000,
-                       save_every=1000, eval_examples=297),
-           "A three-layer Ladder VAE (16-8-4 latent units, MLPs 128-64-32 with batch norm, KL warm-up over 1000 "
-           "steps) on scikit-learn's 8x8 digits, dynamically binarised: trains in about a minute on a CPU."),
+           TrainConfig(batch_size=64, lr=2e-3, max_steps=3000, kl_warmup_steps=1000,
+                       eval_every=1000, save_every=1000, eval_examples=297),
+           "A three-layer Ladder VAE (16-8-4 latent units, MLPs 128-64-32 with batch norm, KL "
+           "warm-up over 1000 steps) on scikit-learn's 8x8 digits, dynamically binarised: trains "
+           "in about a minute on a CPU."),
     Preset('lvae_mnist', 'mnist',
-           LVAEConfig(image_shape=(1, 28, 28), latent_dims=(64, 32, 16, 8, 4), hidden_dims=(512, 256, 128, 64, 32)),
-           TrainConfig(batch_size=256, lr=1e-3, min_lr_ratio=1.0, max_steps=round(2000 * STEPS_PER_MNIST_EPOCH),
-                       kl_warmup_steps=round(200 * STEPS_PER_MNIST_EPOCH), eval_every=5000, save_every=5000,
-                       log_every=100, final_eval_samples=5000),
-           "The MNIST model of Sønderby et al. (2016, Sec. 3): five stochastic layers 64-32-16-8-4 (bottom to top), "
-           "two-layer MLPs of width 512-256-128-64-32 with batch norm and leaky ReLUs, precision-weighted ladder "
-           "inference; Adam, learning rate 1e-3 (constant), batch 256, 2000 epochs with linear KL warm-up over the "
-           "first 200 (N_t = 200); dynamically binarised MNIST; test NLL from 5000 importance samples."),
+           LVAEConfig(image_shape=(1, 28, 28), latent_dims=(64, 32, 16, 8, 4),
+                      hidden_dims=(512, 256, 128, 64, 32)),
+           TrainConfig(batch_size=256, lr=1e-3, min_lr_ratio=1.0,
+                       max_steps=round(2000 * STEPS_PER_MNIST_EPOCH),
+                       kl_warmup_steps=round(200 * STEPS_PER_MNIST_EPOCH), eval_every=5000,
+                       save_every=5000, log_every=100, final_eval_samples=5000),
+           "The MNIST model of Sønderby et al. (2016, Sec. 3): five stochastic layers "
+           "64-32-16-8-4 (bottom to top), two-layer MLPs of width 512-256-128-64-32 with batch "
+           "norm and leaky ReLUs, precision-weighted ladder inference; Adam, learning rate 1e-3 "
+           "(constant), batch 256, 2000 epochs with linear KL warm-up over the first 200 "
+           "(N_t = 200); dynamically binarised MNIST; test NLL from 5000 importance samples."),
 ]
 _PRESET_LIST.append(Preset(
     'lvae_mnist_hour', 'binarized_mnist', _PRESET_LIST[-1].model,
-    TrainConfig(batch_size=256, lr=1e-3, min_lr_ratio=0.02, max_steps=45_000, kl_warmup_steps=10_000,
-                ema_decay=0.999, max_minutes=60, eval_every=5000, save_every=5000, log_every=100,
-                final_eval_samples=1000),
-    "lvae_mnist's model trained for one hour on one CPU core on the fixed binarised MNIST (its 50,000 training "
-    "images): 45,000 steps of 256, learning rate 1e-3 decayed by a cosine to 2e-5, KL warm-up over 10,000 steps, "
-    "EMA of the weights (0.999) for evaluation, at most 60 minutes; test NLL from 1000 importance samples on all "
-    "10,000 test images."))
+    TrainConfig(batch_size=256, lr=1e-3, min_lr_ratio=0.02, max_steps=45_000,
+                kl_warmup_steps=10_000, ema_decay=0.999, max_minutes=60, eval_every=5000,
+                save_every=5000, log_every=100, final_eval_samples=1000),
+    "lvae_mnist's model trained for one hour on one CPU core on the fixed binarised MNIST (its "
+    "50,000 training images): 45,000 steps of 256, learning rate 1e-3 decayed by a cosine to "
+    "2e-5, KL warm-up over 10,000 steps, EMA of the weights (0.999) for evaluation, at most 60 "
+    "minutes; test NLL from 1000 importance samples on all 10,000 test images."))
+
+def nvae_recipe(batch_size: int, steps_per_epoch: int, epochs: int, **changes) -> TrainConfig:
+    """NVAE's training recipe, the defaults of the official train.py: Adamax (eps 1e-3, weight decay
+    3e-4), learning rate 1e-2 warmed up over 5 epochs, then a cosine to 1e-4; the KL weight 1e-4 for
+    the first 1e-4 of training, then linear to 1 over 30% of it; no gradient clipping."""
+    steps = steps_per_epoch * epochs
+    recipe = dict(batch_size=batch_size, lr=1e-2, max_steps=steps, optimizer='adamax',
+                  optimizer_eps=1e-3, weight_decay=3e-4, lr_warmup_steps=5 * steps_per_epoch,
+                  min_lr_ratio=1e-2, kl_warmup_steps=round(0.3 * steps), kl_warmup_floor=1e-4,
+                  kl_warmup_hold_steps=round(1e-4 * steps), grad_clip=0.0)
+    return TrainConfig(**{**recipe, **changes})
+
+_PRESET_LIST += [
+    Preset('nvae_digits', 'digits',
+           NVAEConfig(image_shape=(1, 8, 8), padding=0, encoder_channels=8, decoder_channels=8,
+                      latent_channels=4, latent_scales=2, groups_per_scale=4, preprocess_blocks=1,
+                      preprocess_cells=1, postprocess_blocks=1, postprocess_cells=1,
+                      encoder_cells_per_group=1, decoder_cells_per_group=1, spectral_weight=1e-2),
+           nvae_recipe(64, 1500 // 64, 20, eval_every=460, save_every=460, eval_examples=297,
+                       final_eval_samples=100, log_every=10),
+           "A small NVAE on scikit-learn's 8x8 digits, dynamically binarised: 6 groups of 4x4x4 "
+           "and 4x2x2 latents (two scales, ada_groups), 8 channels, one cell per group and per "
+           "block, spectral regularisation 1e-2; NVAE's recipe over 20 epochs (460 steps of 64)."),
+    Preset('nvae_mnist', 'mnist',
+           NVAEConfig(image_shape=(1, 28, 28), padding=2, encoder_channels=32, decoder_channels=32,
+                      latent_channels=20, latent_scales=2, groups_per_scale=10, adaptive_groups=1,
+                      preprocess_blocks=2, preprocess_cells=3, postprocess_blocks=2,
+                      postprocess_cells=3, encoder_cells_per_group=2, decoder_cells_per_group=2,
+                      flows_per_group=0, spectral_weight=1e-2),
+           nvae_recipe(400, 60_000 // 400, 400, eval_every=5000, save_every=5000, log_every=100),
+           "NVAE's MNIST model and recipe (NVlabs/NVAE README command; Vahdat & Kautz 2020): 2 "
+           "latent scales, 10 groups at 8x8 and 5 at 4x4 (ada_groups), 20 latent channels per "
+           "group, 32 channels, 2 pre- and 2 post-processing blocks of 3 cells, 2 cells per "
+           "group, SE, residual normal, no flows, lambda 1e-2; global batch 400 (2 GPUs x 200), "
+           "400 epochs of 150 steps, train.py's defaults otherwise; dynamically binarised MNIST "
+           "padded to 32x32."),
+    Preset('nvae_cifar10', 'cifar10',
+           NVAEConfig(image_shape=(3, 32, 32), likelihood='logistic_mixture', num_mixtures=10,
+                      padding=0, encoder_channels=128, decoder_channels=128, latent_channels=20,
+                      latent_scales=1, groups_per_scale=30, adaptive_groups=0, preprocess_blocks=1,
+                      preprocess_cells=2, postprocess_blocks=1, postprocess_cells=2,
+                      encoder_cells_per_group=2, decoder_cells_per_group=2, flows_per_group=1,
+                      spectral_weight=1e-2),
+           nvae_recipe(256, 50_000 // 256, 400, eval_every=5000, save_every=5000, log_every=100),
+           "NVAE's CIFAR-10 model and recipe (NVlabs/NVAE README command; Vahdat & Kautz 2020): "
+           "1 latent scale of 30 groups at 16x16, 20 latent channels, 128 channels, 1 pre- and 1 "
+           "post-processing block of 2 cells, 2 cells per group, SE, residual normal, 1 flow "
+           "pair per group, lambda 1e-2, 10 logistic mixtures; global batch 256 (8 GPUs x 32), "
+           "400 epochs of 195 steps, train.py's defaults otherwise (its random horizontal flips "
+           "are not applied here)."),
+    Preset('nvae_mnist_hour', 'binarized_mnist',
+           NVAEConfig(image_shape=(1, 28, 28), padding=2, encoder_channels=8, decoder_channels=8,
+                      latent_channels=8, latent_scales=2, groups_per_scale=5, preprocess_blocks=2,
+                      preprocess_cells=1, postprocess_blocks=2, postprocess_cells=1,
+                      encoder_cells_per_group=1, decoder_cells_per_group=1, spectral_weight=1e-2),
+           nvae_recipe(64, 50_000 // 64, 2, lr_warmup_steps=100, max_minutes=60, eval_every=500,
+                       save_every=500, eval_examples=100, eval_samples=10, log_every=50),
+           "A small NVAE for one hour of one CPU core on the fixed binarised MNIST (the data of "
+           "lvae_mnist_hour): 5 groups at 8x8 and 2 at 4x4 of 8 latent channels, 8 channels, one "
+           "cell per block and per group, lambda 1e-2; NVAE's recipe at batch 64 for 2 epochs "
+           "(learning-rate warm-up over 100 steps), stopped after 60 minutes; test NLL from 1000 "
+           "importance samples on all 10,000 test images."),
+]
+
 _PRESET_LIST.append(Preset(
     'nlayer_digits', 'digits', NLayerVAEConfig(image_shape=(1, 8, 8)),
-    TrainConfig(batch_size=64, lr=2e-3, max_steps=2000, kl_warmup_steps=500, eval_every=500, save_every=1000,
-                eval_examples=297),
-    "An N-layer VAE (Child, 2021; chapter 09a): 64 one-unit Gaussian layers, one per pixel, the prior a Gaussian "
-    "MADE over the layers, posteriors and decoder MLPs of 256, on scikit-learn's 8x8 digits, dynamically "
-    "binarised: trains in about a minute on a CPU."))
-# VDVAE (Child, 2021): every number below is from openai/vdvae's hps.py (the `cifar10`, `imagenet32`,
-# `imagenet64`, `ffhq256` and `ffhq1024` sets and the defaults they inherit) and data.py (input normalisation).
+    TrainConfig(batch_size=64, lr=2e-3, max_steps=2000, kl_warmup_steps=500, eval_every=500,
+                save_every=1000, eval_examples=297),
+    "An N-layer VAE (Child, 2021; chapter 09a): 64 one-unit Gaussian layers, one per pixel, the "
+    "prior a Gaussian MADE over the layers, posteriors and decoder MLPs of 256, on "
+    "scikit-learn's 8x8 digits, dynamically binarised: trains in about a minute on a CPU."))
+# VDVAE (Child, 2021): every number below is from openai/vdvae's hps.py (the `cifar10`,
+# `imagenet32`, `imagenet64`, `ffhq256` and `ffhq1024` sets and the defaults they inherit) and
+# data.py (input normalisation).
 def _vdvae_recipe(**fields) -> TrainConfig:
-    """The official recipe: AdamW with betas (0.9, 0.9) and weight decay 0.01, linear warm-up over 100 steps then a
-    constant rate, gradient clipping, update skipping and an EMA; evaluated by the one-sample ELBO, as the paper."""
-    return TrainConfig(optimizer='adamw', adam_beta2=0.9, weight_decay=0.01, lr_warmup_steps=100, min_lr_ratio=1.0,
-                       eval_samples=1, final_eval_samples=1, eval_every=25_000, save_every=25_000, log_every=100,
-                       **fields)
+    """The official recipe: AdamW with betas (0.9, 0.9) and weight decay 0.01, linear warm-up over
+    100 steps then a constant rate, gradient clipping, update skipping and an EMA; evaluated by the
+    one-sample ELBO, as the paper."""
+    return TrainConfig(optimizer='adamw', adam_beta2=0.9, weight_decay=0.01, lr_warmup_steps=100,
+                       min_lr_ratio=1.0, eval_samples=1, final_eval_samples=1, eval_every=25_000,
+                       save_every=25_000, log_every=100, **fields)
 
-def _vdvae_paper(size: int, encoder: str, decoder: str, mean: float, std: float, **fields) -> VDVAEConfig:
-    return VDVAEConfig(image_shape=(3, size, size), likelihood='logistic_mixture', encoder_blocks=encoder,
-                       decoder_blocks=decoder, input_mean=mean, input_std=std, **fields)
+def _vdvae_paper(size: int, encoder: str, decoder: str, mean: float, std: float,
+                 **fields) -> VDVAEConfig:
+    return VDVAEConfig(image_shape=(3, size, size), likelihood='logistic_mixture',
+                       encoder_blocks=encoder, decoder_blocks=decoder, input_mean=mean,
+                       input_std=std, **fields)
 
 _PRESET_LIST += [
     Preset('vdvae_cifar10', 'cifar10',
-           _vdvae_paper(32, '32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3', '1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21',
-                        120.63838, 64.16736, width=384),
-           _vdvae_recipe(batch_size=32, lr=2e-4, grad_clip=200, skip_threshold=400, ema_decay=0.9999,
-                         max_steps=1_000_000),
-           "VDVAE's CIFAR-10 model (Child, 2021; openai/vdvae hps.py `cifar10`): 39.1M parameters, width 384, 43 "
-           "latent groups of 16 channels; AdamW (0.9, 0.9), lr 2e-4 after 100 warm-up steps, weight decay 0.01, batch "
-           "32 (16 on each of 2 GPUs), gradient clip 200, skip above 400, EMA 0.9999; about 1M steps (2.87 bits/dim)."),
+           _vdvae_paper(32, '32x11,32d2,16x6,16d2,8x6,8d2,4x3,4d4,1x3',
+                        '1x1,4m1,4x2,8m4,8x5,16m8,16x10,32m16,32x21', 120.63838, 64.16736,
+                        width=384),
+           _vdvae_recipe(batch_size=32, lr=2e-4, grad_clip=200, skip_threshold=400,
+                         ema_decay=0.9999, max_steps=1_000_000),
+           "VDVAE's CIFAR-10 model (Child, 2021; openai/vdvae hps.py `cifar10`): 39.1M "
+           "parameters, width 384, 43 latent groups of 16 channels; AdamW (0.9, 0.9), lr 2e-4 "
+           "after 100 warm-up steps, weight decay 0.01, batch 32 (16 on each of 2 GPUs), "
+           "gradient clip 200, skip above 400, EMA 0.9999; about 1M steps (2.87 bits/dim)."),
     Preset('vdvae_imagenet32', 'imagenet32',
-           _vdvae_paper(32, '32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6', '1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40',
-                        116.2373, 69.37404, width=512),
-           _vdvae_recipe(batch_size=256, lr=1.5e-4, grad_clip=200, skip_threshold=300, ema_decay=0.999,
-                         max_steps=1_700_000),
-           "VDVAE's ImageNet-32 model (hps.py `imagenet32`): 119.3M parameters, width 512, 78 latent groups; lr 1.5e-4, "
-           "batch 256 (8 on each of 32 GPUs), clip 200, skip above 300, EMA 0.999; 1.7M steps (3.80 bits/dim)."),
+           _vdvae_paper(32, '32x15,32d2,16x9,16d2,8x8,8d2,4x6,4d4,1x6',
+                        '1x2,4m1,4x4,8m4,8x9,16m8,16x19,32m16,32x40', 116.2373, 69.37404,
+                        width=512),
+           _vdvae_recipe(batch_size=256, lr=1.5e-4, grad_clip=200, skip_threshold=300,
+                         ema_decay=0.999, max_steps=1_700_000),
+           "VDVAE's ImageNet-32 model (hps.py `imagenet32`): 119.3M parameters, width 512, 78 "
+           "latent groups; lr 1.5e-4, batch 256 (8 on each of 32 GPUs), clip 200, skip above "
+           "300, EMA 0.999; 1.7M steps (3.80 bits/dim)."),
     Preset('vdvae_imagenet64', 'imagenet64',
            _vdvae_paper(64, '64x11,64d2,32x20,32d2,16x9,16d2,8x8,8d2,4x7,4d4,1x5',
-                        '1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12', 115.92961967, 69.37404, width=512),
-           _vdvae_recipe(batch_size=128, lr=1.5e-4, grad_clip=220, skip_threshold=380, ema_decay=0.999,
-                         max_steps=1_600_000),
-           "VDVAE's ImageNet-64 model (hps.py `imagenet64`): 125.0M parameters, width 512, 75 latent groups; lr 1.5e-4, "
-           "batch 128 (4 on each of 32 GPUs), clip 220, skip above 380, EMA 0.999; 1.6M steps (3.52 bits/dim)."),
+                        '1x2,4m1,4x3,8m4,8x7,16m8,16x15,32m16,32x31,64m32,64x12', 115.92961967,
+                        69.37404, width=512),
+           _vdvae_recipe(batch_size=128, lr=1.5e-4, grad_clip=220, skip_threshold=380,
+                         ema_decay=0.999, max_steps=1_600_000),
+           "VDVAE's ImageNet-64 model (hps.py `imagenet64`): 125.0M parameters, width 512, 75 "
+           "latent groups; lr 1.5e-4, batch 128 (4 on each of 32 GPUs), clip 220, skip above "
+           "380, EMA 0.999; 1.6M steps (3.52 bits/dim)."),
     Preset('vdvae_ffhq256', 'ffhq256',
-           _vdvae_paper(256, '256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
-                        '1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,256m128',
-                        112.8666757481, 69.84780273, width=512, pixel_bits=5),
-           _vdvae_recipe(batch_size=32, lr=1.5e-4, grad_clip=130, skip_threshold=180, ema_decay=0.999,
-                         max_steps=1_700_000),
-           "VDVAE's FFHQ-256 model (hps.py `ffhq256`): 114.9M parameters, width 512, 66 latent groups, pixels scored "
-           "at 5 bits; lr 1.5e-4, batch 32 (1 on each of 32 GPUs), clip 130, skip above 180, EMA 0.999; 1.7M steps "
-           "(0.61 bits/dim)."),
+           _vdvae_paper(256, '256x3,256d2,128x8,128d2,64x12,64d2,32x17,32d2,16x7,16d2,8x5,8d2,'
+                             '4x5,4d4,1x4',
+                        '1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x21,64m32,64x13,128m64,128x7,'
+                        '256m128', 112.8666757481, 69.84780273, width=512, pixel_bits=5),
+           _vdvae_recipe(batch_size=32, lr=1.5e-4, grad_clip=130, skip_threshold=180,
+                         ema_decay=0.999, max_steps=1_700_000),
+           "VDVAE's FFHQ-256 model (hps.py `ffhq256`): 114.9M parameters, width 512, 66 latent "
+           "groups, pixels scored at 5 bits; lr 1.5e-4, batch 32 (1 on each of 32 GPUs), clip "
+           "130, skip above 180, EMA 0.999; 1.7M steps (0.61 bits/dim)."),
     Preset('vdvae_ffhq1024', 'ffhq1024',
-           _vdvae_paper(1024, '1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,32x14,32d2,16x7,16d2,'
-                              '8x5,8d2,4x5,4d4,1x4',
-                        '1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,256m128,256x2,512m256,'
-                        '1024m512', 0.4387 * 255, 0.2743 * 255, width=16, num_mixtures=2,
-                        custom_widths='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,1:512'),
-           _vdvae_recipe(batch_size=32, lr=7e-5, grad_clip=360, skip_threshold=500, ema_decay=0.999,
-                         max_steps=1_700_000),
-           "VDVAE's FFHQ-1024 model (hps.py `ffhq1024`): 109.4M parameters, widths 16 (1024), 32 (512), 64 (256) and "
-           "512 below, 70 latent groups, 2 mixture components; lr 7e-5, batch 32 (1 on each of 32 GPUs), clip 360, "
-           "skip above 500, EMA 0.999; 1.7M steps (2.42 bits/dim)."),
+           _vdvae_paper(1024, '1024x1,1024d2,512x3,512d2,256x5,256d2,128x7,128d2,64x10,64d2,'
+                              '32x14,32d2,16x7,16d2,8x5,8d2,4x5,4d4,1x4',
+                        '1x2,4m1,4x3,8m4,8x4,16m8,16x9,32m16,32x20,64m32,64x14,128m64,128x7,'
+                        '256m128,256x2,512m256,1024m512', 0.4387 * 255, 0.2743 * 255, width=16,
+                        num_mixtures=2,
+                        custom_widths='512:32,256:64,128:512,64:512,32:512,16:512,8:512,4:512,'
+                                      '1:512'),
+           _vdvae_recipe(batch_size=32, lr=7e-5, grad_clip=360, skip_threshold=500,
+                         ema_decay=0.999, max_steps=1_700_000),
+           "VDVAE's FFHQ-1024 model (hps.py `ffhq1024`): 109.4M parameters, widths 16 (1024), 32 "
+           "(512), 64 (256) and 512 below, 70 latent groups, 2 mixture components; lr 7e-5, "
+           "batch 32 (1 on each of 32 GPUs), clip 360, skip above 500, EMA 0.999; 1.7M steps "
+           "(2.42 bits/dim)."),
     Preset('vdvae_digits', 'digits',
-           VDVAEConfig(image_shape=(1, 8, 8), encoder_blocks='8x1,8d2,4x1,4d4,1x1', decoder_blocks='1x1,4m1,4x2,8m4,8x2',
-                       width=32, latent_channels=4),
-           TrainConfig(batch_size=64, lr=2e-3, max_steps=500, optimizer='adamw', adam_beta2=0.9, weight_decay=0.01,
-                       lr_warmup_steps=100, min_lr_ratio=1.0, grad_clip=1.0, skip_threshold=2.0, ema_decay=0.99,
-                       eval_every=500, save_every=500, eval_examples=297, eval_samples=20, final_eval_samples=100,
-                       log_every=1),
-           "A seven-group VDVAE on scikit-learn's 8x8 digits, dynamically binarised (resolutions 1, 4 and 8, width 32, "
-           "4 latent channels) with VDVAE's recipe (clipping at 1 and skipping above 2, this model's scale of gradient "
-           "norms): trains in about three minutes on a CPU."),
+           VDVAEConfig(image_shape=(1, 8, 8), encoder_blocks='8x1,8d2,4x1,4d4,1x1',
+                       decoder_blocks='1x1,4m1,4x2,8m4,8x2', width=32, latent_channels=4),
+           TrainConfig(batch_size=64, lr=2e-3, max_steps=500, optimizer='adamw', adam_beta2=0.9,
+                       weight_decay=0.01, lr_warmup_steps=100, min_lr_ratio=1.0, grad_clip=1.0,
+                       skip_threshold=2.0, ema_decay=0.99, eval_every=500, save_every=500,
+                       eval_examples=297, eval_samples=20, final_eval_samples=100, log_every=1),
+           "A seven-group VDVAE on scikit-learn's 8x8 digits, dynamically binarised (resolutions "
+           "1, 4 and 8, width 32, 4 latent channels) with VDVAE's recipe (clipping at 1 and "
+           "skipping above 2, this model's scale of gradient norms): trains in about three "
+           "minutes on a CPU."),
     Preset('vdvae_mnist', 'mnist8bit',
-           VDVAEConfig(image_shape=(1, 28, 28), likelihood='logistic_mixture', width=32, latent_channels=8,
-                       encoder_blocks='28x1,28d2,14x2,14d2,7x2,7d7,1x1', decoder_blocks='1x1,7m1,7x2,14m7,14x2,28m14,28x1',
-                       input_mean=33.32, input_std=78.57),
-           TrainConfig(batch_size=32, lr=1e-3, max_steps=20_000, optimizer='adamw', adam_beta2=0.9, weight_decay=0.01,
-                       lr_warmup_steps=100, min_lr_ratio=1.0, grad_clip=200, skip_threshold=400, ema_decay=0.99,
-                       max_minutes=60, eval_every=2000, save_every=2000, eval_examples=500, eval_samples=1,
-                       final_eval_samples=1, log_every=50),
-           "A nine-group VDVAE on 8-bit MNIST (grey levels scored by a 10-component discretized logistic mixture, "
-           "reported in bits/dim): resolutions 1, 7, 14 and 28, width 32, 8 latent channels, VDVAE's recipe at "
-           "learning rate 1e-3 and batch 32 with an EMA of 0.99 (a horizon of 100 steps, for runs of a few thousand), at "
-           "most one hour on one CPU core; evaluated by the one-sample ELBO."),
+           VDVAEConfig(image_shape=(1, 28, 28), likelihood='logistic_mixture', width=32,
+                       latent_channels=8, encoder_blocks='28x1,28d2,14x2,14d2,7x2,7d7,1x1',
+                       decoder_blocks='1x1,7m1,7x2,14m7,14x2,28m14,28x1', input_mean=33.32,
+                       input_std=78.57),
+           TrainConfig(batch_size=32, lr=1e-3, max_steps=20_000, optimizer='adamw', adam_beta2=0.9,
+                       weight_decay=0.01, lr_warmup_steps=100, min_lr_ratio=1.0, grad_clip=200,
+                       skip_threshold=400, ema_decay=0.99, max_minutes=60, eval_every=2000,
+                       save_every=2000, eval_examples=500, eval_samples=1, final_eval_samples=1,
+                       log_every=50),
+           "A nine-group VDVAE on 8-bit MNIST (grey levels scored by a 10-component discretized "
+           "logistic mixture, reported in bits/dim): resolutions 1, 7, 14 and 28, width 32, 8 "
+           "latent channels, VDVAE's recipe at learning rate 1e-3 and batch 32 with an EMA of "
+           "0.99 (a horizon of 100 steps, for runs of a few thousand), at most one hour on one "
+           "CPU core; evaluated by the one-sample ELBO."),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
 def get_preset(name: str) -> Preset:
-    "The preset called `name`; a ConfigError naming the close match and every known preset otherwise."
+    """The preset called `name`; a ConfigError naming the close match and every known preset
+    otherwise."""
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ''
-        raise ConfigError(f"unknown preset {name!r}{hint}; known presets: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}{hint}; "
+                          f"known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
 # %% ../nbs/10_presets.ipynb #2c6ea505
 def load_preset_data(preset: Preset, data_dir=None, download: bool = False) -> ImageData:
-    "The preset's dataset, checked against its model: a DataError or ConfigError, one line, when it does not fit."
+    """The preset's dataset, checked against its model: a DataError or ConfigError, one line, when
+    it does not fit."""
     if data_dir is not None and not Path(data_dir).is_dir():
         problem = 'is a file, not a directory' if Path(data_dir).exists() else 'does not exist'
         raise DataError(f"data directory {data_dir} {problem} (--data-dir)")
     data = load_data(preset.dataset, data_dir, download=download)
     if tuple(data.shape) != tuple(preset.model.image_shape):
-        raise ConfigError(f"preset {preset.name!r}: model image_shape {tuple(preset.model.image_shape)} does not "
-                          f"match dataset {preset.dataset!r} images of shape {tuple(data.shape)}")
+        raise ConfigError(f"preset {preset.name!r}: model image_shape "
+                          f"{tuple(preset.model.image_shape)} does not match dataset "
+                          f"{preset.dataset!r} images of shape {tuple(data.shape)}")
     if data.likelihood != preset.model.likelihood:
-        raise ConfigError(f"preset {preset.name!r}: model likelihood {preset.model.likelihood!r} does not fit "
-                          f"dataset {preset.dataset!r}, whose pixels call for {data.likelihood!r}")
+        raise ConfigError(f"preset {preset.name!r}: model likelihood {preset.model.likelihood!r} "
+                          f"does not fit dataset {preset.dataset!r}, whose pixels call for "
+                          f"{data.likelihood!r}")
     return data

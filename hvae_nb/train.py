@@ -25,19 +25,22 @@ from tqdm import tqdm
 import matplotlib.pyplot as plt
 from .data import DataError, binarize, image_grid, random_subset, resolve_data_dir
 from .vae import ConfigError, dataset_nll, kl_warmup
-from .presets import OPTIMIZERS, PRESETS, Preset, TrainConfig, get_preset, load_preset_data
+from .presets import (OPTIMIZERS, PRESETS, Preset, TrainConfig, get_preset,
+                             load_preset_data)
 from .configs import apply_overrides, field_names, preset_from_dict, preset_to_dict
-from .runs import (RunError, MetricsLog, checkpoint_path, check_new_run_dir, check_run_dir_path,
-                          create_run_dir, default_run_dir, find_checkpoint, finished_test, list_checkpoints,
-                          load_run_preset, read_metrics, read_run_config, read_train_state, run_dir_of,
-                          save_weights, write_run_config, WEIGHTS_FILE)
+from .runs import (RunError, MetricsLog, checkpoint_path, check_new_run_dir,
+                          check_run_dir_path, create_run_dir, default_run_dir, find_checkpoint,
+                          finished_test, list_checkpoints, load_run_preset, read_metrics,
+                          read_run_config, read_train_state, run_dir_of, save_weights,
+                          write_run_config, WEIGHTS_FILE)
 from .cli import parse_arguments, run_command
 
 # %% ../nbs/11_train.ipynb #a27bf630
 @lru_cache(maxsize=2)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of the training set for one epoch."
-    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator)
 
 def global_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     "Indices of the global batch of `step` (a partial batch at an epoch's end is dropped)."
@@ -45,7 +48,8 @@ def global_batch_indices(num_examples: int, batch_size: int, step: int, seed: in
     epoch, position = divmod(step, per_epoch)
     return epoch_order(num_examples, seed, epoch)[position * batch_size:(position + 1) * batch_size]
 
-def micro_batch_slices(batch_size: int, num_processes: int, process_index: int, grad_accum: int) -> list[tuple[int, slice]]:
+def micro_batch_slices(batch_size: int, num_processes: int, process_index: int,
+                       grad_accum: int) -> list[tuple[int, slice]]:
     "This process's micro-batches of a global batch, as (global micro-batch number, slice)."
     micro = batch_size // (num_processes * grad_accum)
     numbers = range(process_index * grad_accum, (process_index + 1) * grad_accum)
@@ -57,27 +61,34 @@ def seed_micro_batch(seed: int, step: int, micro: int):
 
 # %% ../nbs/11_train.ipynb #122056e5
 def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    "The optimiser named by the recipe (the table `OPTIMIZERS` lives with `TrainConfig`), betas (0.9, `adam_beta2`)."
-    return OPTIMIZERS[train.optimizer](model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                       betas=(0.9, train.adam_beta2))
+    """The optimiser named by the recipe (the table `OPTIMIZERS` lives with `TrainConfig`), betas
+    (0.9, `adam_beta2`)."""
+    return OPTIMIZERS[train.optimizer](model.parameters(), lr=train.lr,
+                                       weight_decay=train.weight_decay,
+                                       betas=(0.9, train.adam_beta2), eps=train.optimizer_eps)
 
 def make_scheduler(optimizer, train: TrainConfig):
-    "Linear warm-up over `lr_warmup_steps`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."
+    """Linear warm-up over `lr_warmup_steps`, then cosine decay to `lr * min_lr_ratio` at
+    `max_steps`."""
     S = torch.optim.lr_scheduler
     decay_steps = max(1, train.max_steps - train.lr_warmup_steps)
-    cosine = S.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=train.lr * train.min_lr_ratio)
+    cosine = S.CosineAnnealingLR(optimizer, T_max=decay_steps,
+                                 eta_min=train.lr * train.min_lr_ratio)
     if train.lr_warmup_steps == 0: return cosine
-    warmup = S.LinearLR(optimizer, start_factor=1 / train.lr_warmup_steps, total_iters=train.lr_warmup_steps)
+    warmup = S.LinearLR(optimizer, start_factor=1 / train.lr_warmup_steps,
+                        total_iters=train.lr_warmup_steps)
     return S.SequentialLR(optimizer, [warmup, cosine], milestones=[train.lr_warmup_steps])
 
 SCHEDULE_FIELDS = ('lr', 'max_steps', 'lr_warmup_steps', 'min_lr_ratio')
 
 def rebuild_scheduler(optimizer, train: TrainConfig, step: int):
-    """A schedule for a new horizon (a run extended past its `max_steps`, or a new learning rate), advanced to
-    `step`: the restored schedule would keep the old horizon and climb back to its peak."""
+    """A schedule for a new horizon (a run extended past its `max_steps`, or a new learning rate),
+    advanced to `step`: the restored schedule would keep the old horizon and climb back to its
+    peak."""
     for group in optimizer.param_groups: group['lr'] = group['initial_lr'] = train.lr
     scheduler = make_scheduler(optimizer, train)
-    with warnings.catch_warnings():        # stepping a scheduler with no optimiser step in between is the point
+    # stepping a scheduler with no optimiser step in between is the point
+    with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         for _ in range(step): scheduler.step()
     return scheduler
@@ -98,8 +109,9 @@ class SkipMonitor:
         if not skipped: self.consecutive = 0; return
         self.total += 1; self.consecutive += 1
         if self.consecutive % self.warn_after == 0:
-            message = (f"hvae_nb: {self.consecutive} consecutive updates skipped at step {step} (non-finite loss or gradient "
-                       f"norm above the threshold); the run is not learning: lower the learning rate or raise skip_threshold")
+            message = (f"hvae_nb: {self.consecutive} consecutive updates skipped at step {step} "
+                       f"(non-finite loss or gradient norm above the threshold); the run is not "
+                       f"learning: lower the learning rate or raise skip_threshold")
             warnings.warn(message); print(message, file=sys.stderr)
 
 def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -> bool:
@@ -108,7 +120,8 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     return threshold > 0 and grad_norm.item() > threshold
 
 # %% ../nbs/11_train.ipynb #cce38003
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, train_state: dict, ema, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, train_state: dict, ema,
+                    keep: int) -> Path:
     "Write a checkpoint under a temporary name, rename it into place, keep the last `keep`."
     final = checkpoint_path(run_dir, step)
     temporary = final.with_name('.tmp_' + final.name)
@@ -124,8 +137,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, train_st
     accelerator.wait_for_everyone()
     return final
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema, restore_scheduler: bool = True) -> dict:
-    "Restore model, optimiser, random states, scheduler and EMA in place; return the saved train state."
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema,
+                    restore_scheduler: bool = True) -> dict:
+    """Restore model, optimiser, random states, scheduler and EMA in place; return the saved train
+    state."""
     state = read_train_state(checkpoint)
     try:
         accelerator.load_state(str(checkpoint))
@@ -142,7 +157,8 @@ class StopRequest:
     def __init__(self): self.requested = False
     def _handle(self, signum, frame): self.requested = True
     def __enter__(self):
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT)
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
         return self
     def __exit__(self, *exc):
         for s, handler in self._previous.items(): signal.signal(s, handler)
@@ -151,47 +167,58 @@ class StopRequest:
 def check_same_model(preset: Preset, saved: Preset, checkpoint: Path):
     "Refuse to resume a checkpoint written for another dataset or model configuration."
     if saved.dataset != preset.dataset or type(saved.model) is not type(preset.model):
-        raise RunError(f"checkpoint {checkpoint} was written by preset {saved.name!r} ({type(saved.model).__name__} "
-                       f"on {saved.dataset}); it cannot resume preset {preset.name!r} "
-                       f"({type(preset.model).__name__} on {preset.dataset})")
-    differences = [f"{n}: {getattr(saved.model, n)!r} in the checkpoint, {getattr(preset.model, n)!r} asked"
-                   for n in field_names(preset.model) if getattr(saved.model, n) != getattr(preset.model, n)]
+        raise RunError(f"checkpoint {checkpoint} was written by preset {saved.name!r} "
+                       f"({type(saved.model).__name__} on {saved.dataset}); it cannot resume "
+                       f"preset {preset.name!r} ({type(preset.model).__name__} on "
+                       f"{preset.dataset})")
+    differences = [f"{n}: {getattr(saved.model, n)!r} in the checkpoint, "
+                   f"{getattr(preset.model, n)!r} asked"
+                   for n in field_names(preset.model)
+                   if getattr(saved.model, n) != getattr(preset.model, n)]
     if differences:
-        raise RunError(f"checkpoint {checkpoint} (preset {saved.name!r}) has another model configuration; it cannot "
-                       f"resume preset {preset.name!r}: " + '; '.join(differences))
+        raise RunError(f"checkpoint {checkpoint} (preset {saved.name!r}) has another model "
+                       f"configuration; it cannot resume preset {preset.name!r}: "
+                       + '; '.join(differences))
 
 def check_batch_split(train: TrainConfig, num_processes: int):
     "The global batch must split evenly over processes and accumulation micro-steps."
     if train.batch_size % (num_processes * train.grad_accum):
-        raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by {num_processes} processes x "
-                          f"{train.grad_accum} accumulation steps")
+        raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by "
+                          f"{num_processes} processes x {train.grad_accum} accumulation steps")
 
 def warn_short_warmup(train: TrainConfig):
     "One line when training stops before the KL weight reaches 1: its loss is then not the ELBO."
     if train.max_steps < train.kl_warmup_steps:
-        print(f"hvae_nb: warning: max_steps {train.max_steps} < kl_warmup_steps {train.kl_warmup_steps}: the KL "
-              f"weight ends at {train.max_steps / train.kl_warmup_steps:.2f}, so the training loss flatters the model "
-              "(the test NLL does not)", file=sys.stderr)
+        print(f"hvae_nb: warning: max_steps {train.max_steps} < kl_warmup_steps "
+              f"{train.kl_warmup_steps}: the KL weight ends at "
+              f"{train.max_steps / train.kl_warmup_steps:.2f}, so the training loss flatters the "
+              "model (the test NLL does not)", file=sys.stderr)
 
 # %% ../nbs/11_train.ipynb #5983a794
-def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0, pixels_per_image: int = 48):
-    "Sample `n` images and save them as one PNG grid, each image enlarged to about `pixels_per_image` pixels."
+def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0,
+                     pixels_per_image: int = 48):
+    """Sample `n` images and save them as one PNG grid, each image enlarged to about
+    `pixels_per_image` pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)
     samples = model.sample(n, temperature).float().cpu()
     scale = max(1, round(pixels_per_image / samples.shape[-1]))
-    grid = image_grid(samples.repeat_interleave(scale, -1).repeat_interleave(scale, -2), nrow=int(math.sqrt(n)))
+    enlarged = samples.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    grid = image_grid(enlarged, nrow=int(math.sqrt(n)))
     grid = grid.clamp(0, 1)
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     plt.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
 # %% ../nbs/11_train.ipynb #ed812fcf
-def train_step(model, optimizer, images, dynamic_binarization: bool, step: int, beta: float, train: TrainConfig,
-               accelerator: Accelerator) -> dict:
-    "One optimiser step on the global batch of `step`; returns this step's metrics (identical on every process)."
+def train_step(model, optimizer, images, dynamic_binarization: bool, step: int, beta: float,
+               train: TrainConfig, accelerator: Accelerator) -> dict:
+    """One optimiser step on the global batch of `step`; returns this step's metrics (identical on
+    every process)."""
     indices = global_batch_indices(len(images), train.batch_size, step, train.seed)
-    totals = torch.zeros(3, device=accelerator.device)          # loss, reconstruction, penalty (sums over micro-batches)
+    # loss, reconstruction, penalty (sums over micro-batches)
+    totals = torch.zeros(3, device=accelerator.device)
     kl_total = None
-    slices = micro_batch_slices(train.batch_size, accelerator.num_processes, accelerator.process_index, train.grad_accum)
+    slices = micro_batch_slices(train.batch_size, accelerator.num_processes,
+                                accelerator.process_index, train.grad_accum)
     for i, (micro, part) in enumerate(slices):
         seed_micro_batch(train.seed, step, micro)
         x = images[indices[part]].to(accelerator.device)
@@ -200,22 +227,25 @@ def train_step(model, optimizer, images, dynamic_binarization: bool, step: int, 
         with sync:
             out = model(x, beta=beta, free_bits=train.free_bits)
             accelerator.backward(out.loss / train.grad_accum)
-        totals += torch.stack([out.loss.detach(), out.reconstruction.detach().mean(), out.penalty.detach()]).float()
+        terms = [out.loss.detach(), out.reconstruction.detach().mean(), out.penalty.detach()]
+        totals += torch.stack(terms).float()
         kl = out.kl.detach().mean(0).float()
         kl_total = kl if kl_total is None else kl_total + kl
     means = accelerator.reduce(torch.cat([totals, kl_total]) / train.grad_accum, 'mean')
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), train.grad_clip if train.grad_clip > 0 else float('inf'))
+    max_norm = train.grad_clip if train.grad_clip > 0 else float('inf')
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32)
     skipped = should_skip(means[0], grad_norm, train.skip_threshold)
     if not skipped: optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(loss=means[0].item(), reconstruction=means[1].item(), penalty=means[2].item(), kl=means[3:].tolist(),
-                neg_elbo=(means[1] + means[3:].sum()).item(), grad_norm=grad_norm.item(), skipped_update=skipped)
+    return dict(loss=means[0].item(), reconstruction=means[1].item(), penalty=means[2].item(),
+                kl=means[3:].tolist(), neg_elbo=(means[1] + means[3:].sum()).item(),
+                grad_norm=grad_norm.item(), skipped_update=skipped)
 
 # %% ../nbs/11_train.ipynb #a768999c
 @dataclass
 class TrainResult:
-    model: torch.nn.Module        # the final weights used for evaluation (EMA when on), in eval mode
+    model: torch.nn.Module  # the final weights used for evaluation (EMA when on), in eval mode
     run_dir: Path
     metrics: list = field(default_factory=list)
     test: dict = field(default_factory=dict)
@@ -225,9 +255,9 @@ class TrainResult:
 class RunPlan:
     "What `prepare_run` decided, before anything is written."
     run_dir: Path
-    checkpoint: Path | None = None       # the checkpoint to resume from
-    step: int = 0                        # the step it holds
-    new_schedule: bool = False           # the recipe's schedule changed (an extended run): rebuild it
+    checkpoint: Path | None = None  # the checkpoint to resume from
+    step: int = 0                   # the step it holds
+    new_schedule: bool = False      # the recipe's schedule changed (an extended run): rebuild it
     history: list = field(default_factory=list)
 
 def prepare_run(preset: Preset, out, resume) -> RunPlan:
@@ -245,44 +275,54 @@ def prepare_run(preset: Preset, out, resume) -> RunPlan:
     step, t = state['step'], preset.train
     test = finished_test(read_metrics(run_dir))
     if step > t.max_steps:
-        raise RunError(f"checkpoint {checkpoint} is at step {step}, beyond --max-steps {t.max_steps}: a run cannot "
-                       "be shortened")
+        raise RunError(f"checkpoint {checkpoint} is at step {step}, beyond --max-steps "
+                       f"{t.max_steps}: a run cannot be shortened")
     if step == t.max_steps and test is not None:
-        raise RunError(f"run {run_dir} already finished at step {step} (test NLL {test['test']['nll_nats']:.2f} "
-                       f"nats): nothing to do; to train it further, resume with --max-steps larger than {step}")
-    history = read_run_config(run_dir).get('history', []) if (run_dir / 'config.json').exists() else []
+        raise RunError(f"run {run_dir} already finished at step {step} (test NLL "
+                       f"{test['test']['nll_nats']:.2f} nats): nothing to do; to train it further, "
+                       f"resume with --max-steps larger than {step}")
+    written = (run_dir / 'config.json').exists()
+    history = read_run_config(run_dir).get('history', []) if written else []
     changed = {n: (getattr(saved.train, n), getattr(t, n)) for n in SCHEDULE_FIELDS
                if getattr(saved.train, n) != getattr(t, n)}
-    if changed: history = history + [dict(step=step, changed={n: dict(before=a, after=b) for n, (a, b) in changed.items()},
-                                          note='learning-rate schedule rebuilt for the new recipe')]
+    if changed:
+        before_after = {n: dict(before=a, after=b) for n, (a, b) in changed.items()}
+        history = history + [dict(step=step, changed=before_after,
+                                  note='learning-rate schedule rebuilt for the new recipe')]
     return RunPlan(run_dir, checkpoint, step, bool(changed), history)
 
 def make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerator:
     "The Accelerator, with its own complaints about the options turned into a one-line ConfigError."
     if mixed_precision not in ('no', 'fp16', 'bf16'):
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
-    try: return Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=str(run_dir))
-    except (ValueError, ImportError, RuntimeError) as e: raise ConfigError(f"accelerate refused the options: {e}") from None
+    try: return Accelerator(mixed_precision=mixed_precision, log_with=log_with,
+                            project_dir=str(run_dir))
+    except (ValueError, ImportError, RuntimeError) as e:
+        raise ConfigError(f"accelerate refused the options: {e}") from None
 
 def agree_on_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:
-    "Every process uses the main process's run directory (a default one is named after the time, which can differ)."
+    """Every process uses the main process's run directory (a default one is named after the time,
+    which can differ)."""
     if accelerator.num_processes == 1: return run_dir
     from accelerate.utils import broadcast_object_list
     return Path(broadcast_object_list([str(run_dir)], from_process=0)[0])
 
 def launch_info(accelerator: Accelerator, data_dir) -> dict:
-    return dict(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
-                device=str(accelerator.device), data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
+    return dict(num_processes=accelerator.num_processes,
+                mixed_precision=accelerator.mixed_precision, device=str(accelerator.device),
+                data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
 
 def build_model(preset: Preset) -> torch.nn.Module:
-    "The preset's model; a configuration its family accepts but cannot build is a one-line ConfigError."
+    """The preset's model; a configuration its family accepts but cannot build is a one-line
+    ConfigError."""
     try: return preset.model.build()
     except (ValueError, TypeError, RuntimeError) as e:
-        raise ConfigError(f"preset {preset.name!r}: the model cannot be built from its configuration: {e}") from None
+        raise ConfigError(f"preset {preset.name!r}: the model cannot be built from its "
+                          f"configuration: {e}") from None
 
 # %% ../nbs/11_train.ipynb #d73b012a
-def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no', log_with=None,
-          progress: bool = True, download: bool = False) -> TrainResult:
+def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no',
+          log_with=None, progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
     t = preset.train
     plan = prepare_run(preset, out, resume)
@@ -299,7 +339,8 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     ema = make_ema(unwrapped, t.ema_decay)
     skips, start = SkipMonitor(), 0
     if plan.checkpoint is not None:
-        state = load_checkpoint(accelerator, plan.checkpoint, scheduler, ema, restore_scheduler=not plan.new_schedule)
+        state = load_checkpoint(accelerator, plan.checkpoint, scheduler, ema,
+                                restore_scheduler=not plan.new_schedule)
         start, skips.total = state['step'], state['skipped_total']
         if plan.new_schedule: scheduler = rebuild_scheduler(optimizer, t, start)
     # everything is checked: from here on we write
@@ -316,41 +357,48 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     if log_with: accelerator.init_trackers(preset.name, config=preset_to_dict(preset)['train'])
     eval_images = random_subset(data.test, t.eval_examples, seed=1234)
     evaluation_model = lambda: ema.module if ema is not None else unwrapped
-    train_state = lambda step: dict(step=step, skipped_total=skips.total, scheduler=scheduler.state_dict(),
-                                    preset=preset_to_dict(preset))
-    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main), dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30, desc='training')
+    train_state = lambda step: dict(step=step, skipped_total=skips.total,
+                                    scheduler=scheduler.state_dict(), preset=preset_to_dict(preset))
+    bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main),
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, desc='training')
     model.train()
     interrupted, run_began, done = False, time.time(), start
     with StopRequest() as stop:
         for step in range(start, t.max_steps):
             began = time.perf_counter()
-            beta = kl_warmup(step, t.kl_warmup_steps)
-            record = train_step(model, optimizer, data.train, data.dynamic_binarization, step, beta, t, accelerator)
+            beta = kl_warmup(step, t.kl_warmup_steps, t.kl_warmup_floor, t.kl_warmup_hold_steps)
+            record = train_step(model, optimizer, data.train, data.dynamic_binarization, step, beta,
+                                t, accelerator)
             scheduler.step()
             skips.record(record['skipped_update'], step + 1)
             if ema is not None and not record['skipped_update']: ema.update_parameters(unwrapped)
             done = step + 1
             record.update(step=done, beta=beta, lr=scheduler.get_last_lr()[0], skipped=skips.total,
                           images_per_s=t.batch_size / (time.perf_counter() - began))
-            bar.set_postfix(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}",
+                            refresh=False)
             bar.update(1)
             if done % t.log_every == 0 or done == t.max_steps:
                 log.write(record)
-                if log_with: accelerator.log({k: v for k, v in record.items() if k != 'kl'}, step=done)
+                if log_with:
+                    accelerator.log({k: v for k, v in record.items() if k != 'kl'}, step=done)
             if done % t.eval_every == 0 and main:
-                log.write(dict(step=done, eval=dataset_nll(evaluation_model(), eval_images, t.eval_samples)))
+                nll = dataset_nll(evaluation_model(), eval_images, t.eval_samples)
+                log.write(dict(step=done, eval=nll))
                 save_sample_grid(evaluation_model(), run_dir / 'samples' / f'step_{done:08d}.png')
             if done % t.eval_every == 0: accelerator.wait_for_everyone()
             # the one checkpoint policy: on schedule, at the end, and whenever the run stops early
             timed_out = out_of_time(run_began, t.max_minutes, accelerator)
             interrupted = not timed_out and stop_requested(stop, accelerator)
             if done % t.save_every == 0 or done == t.max_steps or timed_out or interrupted:
-                save_checkpoint(accelerator, run_dir, done, train_state(done), ema, t.keep_checkpoints)
+                save_checkpoint(accelerator, run_dir, done, train_state(done), ema,
+                                t.keep_checkpoints)
             if timed_out or interrupted:
-                if main: print(f"hvae_nb: time budget of {t.max_minutes} minutes used at step {done}" if timed_out
-                               else f"hvae_nb: stopped by signal at step {done}; checkpoint saved, resume with "
-                                    f"--resume {run_dir}", file=sys.stderr)
+                message = (f"hvae_nb: time budget of {t.max_minutes} minutes used at step {done}"
+                           if timed_out else
+                           f"hvae_nb: stopped by signal at step {done}; checkpoint saved, "
+                           f"resume with --resume {run_dir}")
+                if main: print(message, file=sys.stderr)
                 break
     bar.close()
     final = evaluation_model().eval()
@@ -369,7 +417,8 @@ def out_of_time(began: float, max_minutes: float, accelerator: Accelerator) -> b
     "True on every process once the main process has trained for `max_minutes` (0 = no budget)."
     if max_minutes <= 0: return False
     flag = torch.tensor([float(time.time() - began > 60 * max_minutes)], device=accelerator.device)
-    return accelerator.reduce(flag, 'max').item() > 0 if accelerator.num_processes > 1 else bool(flag.item())
+    if accelerator.num_processes == 1: return bool(flag.item())
+    return accelerator.reduce(flag, 'max').item() > 0
 
 def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     "True on every process when any process received SIGTERM/SIGINT."
@@ -381,7 +430,8 @@ def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
 DEFAULT_PRESET = 'lvae_digits'
 
 def _cli_overrides(preset: Preset, override, **options) -> Preset:
-    "Fold the named options (max_steps, lr, ...) and the `--override key=value` list into the preset."
+    """Fold the named options (max_steps, lr, ...) and the `--override key=value` list into the
+    preset."""
     pairs = {}
     for item in override or []:
         key, sep, value = item.partition('=')
@@ -391,54 +441,67 @@ def _cli_overrides(preset: Preset, override, **options) -> Preset:
     return apply_overrides(preset, pairs)
 
 def _epochs_to_steps(preset: Preset, epochs: float, data_dir) -> int:
-    if not (math.isfinite(epochs) and epochs > 0): raise ConfigError(f"--epochs must be positive, got {epochs}")
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"--epochs must be positive, got {epochs}")
     data = load_preset_data(preset, data_dir, download=False)
     return max(1, int(epochs * (len(data.train) // preset.train.batch_size)))
 
-def train_command(preset: str = None,          # preset name (default: lvae_digits); see the list above
-         data_dir: str = None,                 # data directory (default: $HVAE_DATA, else ~/.cache/hvae_nb)
-         out: str = None,                      # run directory (default: runs/<preset>-<time>)
-         max_steps: int = None,                # optimiser steps (with --resume: more than before extends the run)
-         epochs: float = None,                 # train for this many epochs instead of max_steps
-         batch_size: int = None,               # GLOBAL batch size: summed over processes and accumulation steps
-         lr: float = None,                     # peak learning rate
-         seed: int = None,                     # seed for initialisation, data order and sampling
-         eval_every: int = None,               # steps between evaluations (test-subset NLL, sample grid)
-         save_every: int = None,               # steps between checkpoints
-         grad_accum: int = None,               # gradient-accumulation micro-steps per optimiser step
-         resume: str = None,                   # run directory or checkpoint to continue (its preset is the default)
-         mixed_precision: str = 'no',          # no, fp16 or bf16
-         log_with: str = None,                 # an Accelerate tracker, e.g. tensorboard
-         override: Param("preset overrides key=value, e.g. --override train.ema_decay=0.999 model.batch_norm=0 "
-                         "(repeatable)", str, nargs="*", action="extend") = None,
-         download: store_true = False,         # download missing datasets from their official locations
-         no_progress: store_true = False):     # hide the progress bars
+def train_command(preset: str = None,       # preset name (default: lvae_digits); see the list above
+         # data directory (default: $HVAE_DATA, else ~/.cache/hvae_nb)
+         data_dir: str = None,
+         out: str = None,                   # run directory (default: runs/<preset>-<time>)
+         # optimiser steps (with --resume: more than before extends the run)
+         max_steps: int = None,
+         epochs: float = None,              # train for this many epochs instead of max_steps
+         # GLOBAL batch size: summed over processes and accumulation steps
+         batch_size: int = None,
+         lr: float = None,                  # peak learning rate
+         seed: int = None,                  # seed for initialisation, data order and sampling
+         # steps between evaluations (test-subset NLL, sample grid)
+         eval_every: int = None,
+         save_every: int = None,            # steps between checkpoints
+         grad_accum: int = None,            # gradient-accumulation micro-steps per optimiser step
+         # run directory or checkpoint to continue (its preset is the default)
+         resume: str = None,
+         mixed_precision: str = 'no',       # no, fp16 or bf16
+         log_with: str = None,              # an Accelerate tracker, e.g. tensorboard
+         override: Param("preset overrides key=value, e.g. --override train.ema_decay=0.999 "
+                         "model.batch_norm=0 (repeatable)", str, nargs="*", action="extend") = None,
+         # download missing datasets from their official locations
+         download: store_true = False,
+         no_progress: store_true = False):  # hide the progress bars
     "Resolve the preset, train, print the test NLL."
     if preset is None and resume: base = load_run_preset(run_dir_of(find_checkpoint(resume)))
     else: base = get_preset(preset or DEFAULT_PRESET)
-    chosen = _cli_overrides(base, override, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
-                            eval_every=eval_every, save_every=save_every, grad_accum=grad_accum)
+    chosen = _cli_overrides(base, override, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                            seed=seed, eval_every=eval_every, save_every=save_every,
+                            grad_accum=grad_accum)
     if epochs is not None:
-        chosen = replace(chosen, train=replace(chosen.train, max_steps=_epochs_to_steps(chosen, epochs, data_dir)))
-    result = train(chosen, out=out, data_dir=data_dir, resume=resume, mixed_precision=mixed_precision,
-                   log_with=log_with, progress=not no_progress, download=download)
+        steps = _epochs_to_steps(chosen, epochs, data_dir)
+        chosen = replace(chosen, train=replace(chosen.train, max_steps=steps))
+    result = train(chosen, out=out, data_dir=data_dir, resume=resume,
+                   mixed_precision=mixed_precision, log_with=log_with, progress=not no_progress,
+                   download=download)
     if PartialState().is_main_process and result.test:
         t = result.test
-        print(f"{chosen.name}: test NLL {t['nll_nats']:.2f} nats ({t['nll_bits_per_dim']:.4f} bits/dim), "
-              f"IW k={t['num_samples']} on all {t['num_examples']} test images; run directory {result.run_dir}")
+        print(f"{chosen.name}: test NLL {t['nll_nats']:.2f} nats "
+              f"({t['nll_bits_per_dim']:.4f} bits/dim), IW k={t['num_samples']} on all "
+              f"{t['num_examples']} test images; run directory {result.run_dir}")
     return result
 
 def help_text() -> str:
     presets = '\n'.join(f"  {name}: {p.description}" for name, p in sorted(PRESETS.items()))
     default = PRESETS[DEFAULT_PRESET]
-    return (f"Train a hierarchical VAE (one process, or many under `accelerate launch`).\n\npresets:\n{presets}\n\n"
+    return (f"Train a hierarchical VAE (one process, or many under `accelerate launch`).\n\n"
+            f"presets:\n{presets}\n\n"
             f"--override takes key=value pairs for any field of the preset:\n"
             f"  model.<field>: the fields of its model config (for {default.name}: "
             f"{', '.join(field_names(default.model))})\n"
             f"  train.<field>: {', '.join(field_names(default.train))}")
 
 def parse_command_line(argv: list[str]) -> dict:
-    "Parse `argv` into `train_command`'s keyword arguments (`--max-steps`; `--max_steps` works too)."
+    """Parse `argv` into `train_command`'s keyword arguments (`--max-steps`; `--max_steps` works
+    too)."""
     return parse_arguments(train_command, 'hvae_nb.train', argv, description=help_text())
 
 def main(argv: list[str] | None = None):

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['LIKELIHOODS', 'Group', 'Walk', 'LatentTrace', 'VAEOutput', 'elbo_loss', 'kl_warmup', 'ConfigError', 'invalid',
            'is_int', 'check_positive_ints', 'check_sizes', 'check_number', 'check_choice', 'ModelConfig',
-           'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating', 'batches',
-           'iw_log_likelihood', 'likelihood_terms', 'dataset_nll']
+           'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating',
+           'readjust_batch_norm', 'batches', 'iw_log_likelihood', 'likelihood_terms', 'dataset_nll']
 
 # %% ../nbs/02_vae.ipynb #6151a5d7
 from abc import ABC, abstractmethod
@@ -17,25 +17,30 @@ from typing import ClassVar
 import torch
 from torch import nn, Tensor
 from tqdm import tqdm
-from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood, nats_to_bits_per_dim,
-                                   sum_except_batch)
+from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood,
+                                   nats_to_bits_per_dim, sum_except_batch)
 
 # %% ../nbs/02_vae.ipynb #4900d26a
 @dataclass
 class Group:
     "One latent group of one top-down walk, for one batch."
-    z: Tensor                                  # the value of z_l: a sample, or a mean when the walk takes means
-    prior: DiagonalGaussian                    # p(z_l | z_>l)
-    posterior: DiagonalGaussian | None = None  # q(z_l | z_>l, x); None where z_l came from the prior
-    log_q: Tensor | None = None                # (B,) log q(z_l | ...) at z, for a q with no closed-form KL
+    # the value of z_l: a sample, or a mean when the walk takes means
+    z: Tensor
+    prior: DiagonalGaussian  # p(z_l | z_>l)
+    # q(z_l | z_>l, x); None where z_l came from the prior
+    posterior: DiagonalGaussian | None = None
+    # (B,) log q(z_l | ...) at z, for a q with no closed-form KL
+    log_q: Tensor | None = None
 
     @classmethod
-    def draw(cls, prior: DiagonalGaussian, posterior: DiagonalGaussian | None = None, use_mean: bool = False,
-             temperature: float = 1.0) -> 'Group':
-        "z from the posterior when there is one, else from the prior at `temperature`; the mean if `use_mean`."
+    def draw(cls, prior: DiagonalGaussian, posterior: DiagonalGaussian | None = None,
+             use_mean: bool = False, temperature: float = 1.0) -> 'Group':
+        """z from the posterior when there is one, else from the prior at `temperature`; the mean
+        if `use_mean`."""
         source = prior if posterior is None else posterior
         if use_mean: return cls(source.mean, prior, posterior)
-        return cls(prior.rsample(temperature) if posterior is None else posterior.rsample(), prior, posterior)
+        z = prior.rsample(temperature) if posterior is None else posterior.rsample()
+        return cls(z, prior, posterior)
 
     def terms(self) -> tuple[Tensor, Tensor]:
         """Per example: the KL (analytic, or the one-sample estimate when `log_q` is given) and
@@ -47,7 +52,8 @@ class Group:
 
 @dataclass
 class Walk:
-    "What `top_down` returns: every group, bottom -> top, and the likelihood's parameters of p(x | z)."
+    """What `top_down` returns: every group, bottom -> top, and the likelihood's parameters of
+    p(x | z)."""
     groups: list[Group]
     params: Tensor
 
@@ -61,29 +67,32 @@ class LatentTrace:
 @dataclass
 class VAEOutput:
     "What `forward` returns: the scalar training `loss` and its parts."
-    loss: Tensor            # scalar: mean of reconstruction + beta * weighted KL (after free bits), + penalty
+    # scalar: mean of reconstruction + beta * weighted KL (after free bits), + penalty
+    loss: Tensor
     reconstruction: Tensor  # (B,)   -log p(x | z), nats
     kl: Tensor              # (B, G) KL per latent group, nats
-    penalty: Tensor         # scalar: the model's extra term (spectral regularisation, ...); 0 for most models
+    # scalar: the model's extra term (spectral regularisation, ...); 0 for most models
+    penalty: Tensor
     @property
     def elbo(self) -> Tensor: return -(self.reconstruction + self.kl.sum(1))
 
 # %% ../nbs/02_vae.ipynb #7242acc9
 def elbo_loss(log_px: Tensor, kl: Tensor, beta: float = 1.0, free_bits: float = 0.0,
               kl_weights: Tensor | None = None) -> Tensor:
-    """Mean negative ELBO with the KL weighted by `beta` (KL warm-up) and, per group, by `kl_weights`
-    (treated as constants). `free_bits` (nats per group) stops the optimiser from pushing a group's
-    batch-mean KL below that floor (Kingma et al., 2016)."""
+    """Mean negative ELBO with the KL weighted by `beta` (KL warm-up) and, per group, by
+    `kl_weights` (treated as constants). `free_bits` (nats per group) stops the optimiser from
+    pushing a group's batch-mean KL below that floor (Kingma et al., 2016)."""
     kl_per_group = kl.mean(0)
     if free_bits > 0: kl_per_group = kl_per_group.clamp_min(free_bits)
     if kl_weights is not None: kl_per_group = kl_weights.detach() * kl_per_group
     return -log_px.mean() + beta * kl_per_group.sum()
 
-def kl_warmup(step: int, warmup_steps: int) -> float:
-    """KL weight beta at `step`: linear from 0 to 1 over `warmup_steps`, then 1 (deterministic warm-up,
-    Sønderby et al., 2016)."""
+def kl_warmup(step: int, warmup_steps: int, floor: float = 0.0, hold_steps: int = 0) -> float:
+    """KL weight beta at `step`: linear from 0 to 1 over `warmup_steps`, then 1 (deterministic
+    warm-up, Sønderby et al., 2016); never below `floor`, and rising only after `hold_steps`
+    (NVAE: 1e-4 and 1e-4 of the training steps)."""
     if warmup_steps <= 0: return 1.0
-    return min(1.0, step / warmup_steps)
+    return max(floor, min(1.0, (step - hold_steps) / warmup_steps))
 
 # %% ../nbs/02_vae.ipynb #dc3a3716
 LIKELIHOODS = ('bernoulli', 'logistic_mixture')
@@ -93,8 +102,10 @@ class ConfigError(ValueError):
     "A configuration field, preset name or override with a value it cannot take."
 
 def invalid(config, name: str, allowed: str) -> ConfigError:
-    "The one-line error for field `name` of `config`: the field, what is allowed and the value given."
-    return ConfigError(f"{type(config).__name__}.{name} must be {allowed}, got {getattr(config, name)!r}")
+    """The one-line error for field `name` of `config`: the field, what is allowed and the value
+    given."""
+    return ConfigError(f"{type(config).__name__}.{name} must be {allowed}, "
+                       f"got {getattr(config, name)!r}")
 
 def is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
@@ -102,23 +113,27 @@ def check_positive_ints(config, *names: str, minimum: int = 1):
     for name in names:
         value = getattr(config, name)
         if not is_int(value) or value < minimum:
-            raise invalid(config, name, 'positive (an integer)' if minimum == 1 else f"an integer >= {minimum}")
+            allowed = 'positive (an integer)' if minimum == 1 else f"an integer >= {minimum}"
+            raise invalid(config, name, allowed)
 
 def check_sizes(config, *names: str, length: int | None = None, minimum: int = 1):
     "Non-empty tuples of integers >= `minimum` (and of the same `length` when given)."
     for name in names:
         value = getattr(config, name)
-        if (not isinstance(value, tuple) or not value or any(not is_int(v) or v < minimum for v in value)
+        if (not isinstance(value, tuple) or not value
+                or any(not is_int(v) or v < minimum for v in value)
                 or (length is not None and len(value) != length)):
             size = f"{length} " if length is not None else "one or more "
             raise invalid(config, name, f"a tuple of {size}integers >= {minimum}")
 
-def check_number(config, name: str, low: float = -math.inf, high: float = math.inf, open_low: bool = False):
+def check_number(config, name: str, low: float = -math.inf, high: float = math.inf,
+                 open_low: bool = False):
     "A finite number in [low, high] (or (low, high] with `open_low`)."
     value = getattr(config, name)
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
           and (value > low if open_low else value >= low) and value <= high)
-    if not ok: raise invalid(config, name, f"a finite number in {'(' if open_low else '['}{low}, {high}]")
+    if not ok:
+        raise invalid(config, name, f"a finite number in {'(' if open_low else '['}{low}, {high}]")
 
 def check_choice(config, name: str, choices):
     if getattr(config, name) not in choices:
@@ -126,17 +141,20 @@ def check_choice(config, name: str, choices):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What every model configuration holds: the data it models and how. A family extends it with its own
-    fields, sets `family` (the name run directories record) and `build`, and checks its fields in `validate`,
-    which runs whenever a configuration is made (so a bad override fails when it is applied)."""
+    """What every model configuration holds: the data it models and how. A family extends it with
+    its own fields, sets `family` (the name run directories record) and `build`, and checks its
+    fields in `validate`, which runs whenever a configuration is made (so a bad override fails
+    when it is applied)."""
     image_shape: tuple = (1, 28, 28)
-    likelihood: str = 'bernoulli'     # 'bernoulli' (binary pixels) or 'logistic_mixture' (8-bit pixels)
+    # 'bernoulli' (binary pixels) or 'logistic_mixture' (8-bit pixels)
+    likelihood: str = 'bernoulli'
     num_mixtures: int = 10            # logistic mixture components (8-bit data only)
     family: ClassVar[str] = ''
 
     def __post_init__(self):
         for f in fields(self):   # JSON and command lines give lists: configurations hold tuples
-            if isinstance(getattr(self, f.name), list): object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+            value = getattr(self, f.name)
+            if isinstance(value, list): object.__setattr__(self, f.name, tuple(value))
         self.validate()
 
     def validate(self):
@@ -161,7 +179,8 @@ class HierarchicalVAE(nn.Module, ABC):
     def top_down(self, features, batch: int, keep: int, temperature: float = 1.0,
                  use_mean: bool = False) -> Walk:
         """Walk from the top group down: the top `keep` groups from the posterior (`features` from
-        `bottom_up`), the rest from the prior at `temperature`; means instead of samples if `use_mean`."""
+        `bottom_up`), the rest from the prior at `temperature`; means instead of samples if
+        `use_mean`."""
 
     @property
     @abstractmethod
@@ -196,7 +215,8 @@ class HierarchicalVAE(nn.Module, ABC):
     def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> VAEOutput:
         t = self.trace(x)
         penalty = torch.as_tensor(self.penalty(beta), dtype=t.log_px.dtype, device=t.log_px.device)
-        loss = elbo_loss(t.log_px, t.kl, beta, free_bits, self.kl_weights(t.kl.detach(), beta)) + penalty
+        kl_weights = self.kl_weights(t.kl.detach(), beta)
+        loss = elbo_loss(t.log_px, t.kl, beta, free_bits, kl_weights) + penalty
         return VAEOutput(loss, -t.log_px, t.kl, penalty)
 
     def log_weight(self, x: Tensor) -> Tensor:
@@ -206,7 +226,8 @@ class HierarchicalVAE(nn.Module, ABC):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
-        "Images from the prior, every group's noise scaled by `temperature`: the likelihood's mean (Bernoulli) or a sample."
+        """Images from the prior, every group's noise scaled by `temperature`: the likelihood's mean
+        (Bernoulli) or a sample."""
         return self.likelihood.mean(self.top_down(None, n, 0, temperature).params)
 
     @torch.no_grad()
@@ -216,13 +237,16 @@ class HierarchicalVAE(nn.Module, ABC):
 
     @torch.no_grad()
     def reconstruct_keep(self, x: Tensor, keep_groups: int, temperature: float = 1.0) -> Tensor:
-        "Posterior samples for the top `keep_groups` groups, prior samples (at `temperature`) below them, decoded."
+        """Posterior samples for the top `keep_groups` groups, prior samples (at `temperature`)
+        below them, decoded."""
         features = self.bottom_up(x) if keep_groups > 0 else None
-        return self.likelihood.mean(self.top_down(features, x.shape[0], keep_groups, temperature).params)
+        walk = self.top_down(features, x.shape[0], keep_groups, temperature)
+        return self.likelihood.mean(walk.params)
 
     @torch.no_grad()
     def latent_means(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        "E_q[z_l] and E_p[z_l | z_>l] for every group, bottom -> top, along one walk of posterior means."
+        """E_q[z_l] and E_p[z_l | z_>l] for every group, bottom -> top, along one walk of posterior
+        means."""
         groups = self.posterior_walk(x, use_mean=True).groups
         return [g.posterior.mean for g in groups], [g.prior.mean for g in groups]
 
@@ -244,7 +268,8 @@ class VAEConfig(ModelConfig):
         check_sizes(self, 'hidden_dims')
         check_choice(self, 'network', ('mlp', 'conv'))
         if self.network == 'conv' and (self.image_shape[1] % 4 or self.image_shape[2] % 4):
-            raise invalid(self, 'image_shape', "a height and width divisible by 4 for network='conv'")
+            raise invalid(self, 'image_shape',
+                          "a height and width divisible by 4 for network='conv'")
 
     def build(self) -> 'VAE': return VAE(self)
 
@@ -257,14 +282,19 @@ def mlp(widths, activation=nn.ELU) -> nn.Sequential:
         if i < len(widths) - 2: layers.append(activation())
     return nn.Sequential(*layers)
 
-def conv_encoder(channels_in: int, hidden: tuple, out_features: int, spatial: tuple) -> nn.Sequential:
+def conv_encoder(channels_in: int, hidden: tuple, out_features: int,
+                 spatial: tuple) -> nn.Sequential:
     "Two stride-2 convolutions (H -> H/4), then a linear map to `out_features`."
     c1, c2 = hidden[0], hidden[-1]
-    return nn.Sequential(nn.Conv2d(channels_in, c1, 3, 2, 1), nn.ELU(), nn.Conv2d(c1, c2, 3, 2, 1), nn.ELU(),
-                         nn.Flatten(), nn.Linear(c2 * (spatial[0] // 4) * (spatial[1] // 4), out_features))
+    flat_features = c2 * (spatial[0] // 4) * (spatial[1] // 4)
+    return nn.Sequential(nn.Conv2d(channels_in, c1, 3, 2, 1), nn.ELU(),
+                         nn.Conv2d(c1, c2, 3, 2, 1), nn.ELU(),
+                         nn.Flatten(), nn.Linear(flat_features, out_features))
 
-def conv_decoder(latent_dim: int, hidden: tuple, channels_out: int, spatial: tuple) -> nn.Sequential:
-    "The mirror of `conv_encoder`: linear to an (H/4, W/4) map, then two nearest-neighbour upsamplings."
+def conv_decoder(latent_dim: int, hidden: tuple, channels_out: int,
+                 spatial: tuple) -> nn.Sequential:
+    """The mirror of `conv_encoder`: linear to an (H/4, W/4) map, then two nearest-neighbour
+    upsamplings."""
     c1, c2 = hidden[0], hidden[-1]
     h, w = spatial[0] // 4, spatial[1] // 4
     return nn.Sequential(nn.Linear(latent_dim, c2 * h * w), nn.Unflatten(1, (c2, h, w)), nn.ELU(),
@@ -281,9 +311,10 @@ class VAE(HierarchicalVAE):
         self.likelihood = make_likelihood(config.likelihood, config.num_mixtures)
         params = self.likelihood.num_params(c)
         if config.network == 'mlp':
-            self.encoder = nn.Sequential(nn.Flatten(), mlp((c * h * w, *config.hidden_dims, 2 * config.latent_dim)))
-            self.decoder = nn.Sequential(mlp((config.latent_dim, *config.hidden_dims[::-1], params * h * w)),
-                                         nn.Unflatten(1, (params, h, w)))
+            encoder_widths = (c * h * w, *config.hidden_dims, 2 * config.latent_dim)
+            decoder_widths = (config.latent_dim, *config.hidden_dims[::-1], params * h * w)
+            self.encoder = nn.Sequential(nn.Flatten(), mlp(encoder_widths))
+            self.decoder = nn.Sequential(mlp(decoder_widths), nn.Unflatten(1, (params, h, w)))
         else:
             self.encoder = conv_encoder(c, config.hidden_dims, 2 * config.latent_dim, (h, w))
             self.decoder = conv_decoder(config.latent_dim, config.hidden_dims, params, (h, w))
@@ -293,7 +324,8 @@ class VAE(HierarchicalVAE):
 
     def bottom_up(self, x: Tensor) -> Tensor: return self.encoder(x)
 
-    def top_down(self, features, batch: int, keep: int, temperature: float = 1.0, use_mean: bool = False) -> Walk:
+    def top_down(self, features, batch: int, keep: int, temperature: float = 1.0,
+                 use_mean: bool = False) -> Walk:
         prior = DiagonalGaussian.standard((batch, self.config.latent_dim), self.device)
         posterior = DiagonalGaussian(*gaussian_params(features)) if keep > 0 else None
         group = Group.draw(prior, posterior, use_mean, temperature)
@@ -302,19 +334,31 @@ class VAE(HierarchicalVAE):
 # %% ../nbs/02_vae.ipynb #6675fd8e
 @contextmanager
 def evaluating(model):
-    "The model in eval mode (batch norm uses its running statistics) and without gradients; its mode restored after."
+    """The model in eval mode (batch norm uses its running statistics) and without gradients; its
+    mode restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(): yield model
     finally: model.train(was_training)
 
+@torch.no_grad()
+def readjust_batch_norm(model: HierarchicalVAE, num_batches: int = 500, batch_size: int = 100,
+                        temperature: float = 1.0) -> HierarchicalVAE:
+    """Re-estimate the running statistics of every batch norm on the model's own samples at
+    `temperature`: `num_batches` sampling passes in train mode, then eval mode (NVAE's
+    `--readjust_bn`; chapter 08)."""
+    model.train()
+    for _ in range(num_batches): model.sample(batch_size, temperature)
+    return model.eval()
+
 def batches(images: Tensor, batch_size: int):
     "Consecutive slices of `images` of at most `batch_size`."
     for start in range(0, len(images), batch_size): yield images[start:start + batch_size]
 
 @torch.no_grad()
-def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000, max_batch: int = 2048) -> Tensor:
+def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000,
+                      max_batch: int = 2048) -> Tensor:
     "Importance-weighted estimate of log p(x) per example (Burda et al., 2015), in bounded memory."
     batch = x.shape[0]
     per_chunk = max(1, max_batch // batch)
@@ -327,12 +371,15 @@ def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000
     return total - math.log(num_samples)
 
 @torch.no_grad()
-def likelihood_terms(model: HierarchicalVAE, images: Tensor, num_samples: int = 1000, batch_size: int = 100,
-                     max_batch: int = 2048, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    "Per image: the IW negative log-likelihood, the reconstruction term and the KL per group, in nats."
+def likelihood_terms(model: HierarchicalVAE, images: Tensor, num_samples: int = 1000,
+                     batch_size: int = 100, max_batch: int = 2048,
+                     progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image: the IW negative log-likelihood, the reconstruction term and the KL per group, in
+    nats."""
     nll, reconstruction, kl = [], [], []
-    bar = tqdm(batches(images, batch_size), total=math.ceil(len(images) / batch_size), disable=not progress,
-               desc=f'IW-NLL, k={num_samples}', unit='batch', mininterval=0.5 if sys.stderr.isatty() else 30)
+    bar = tqdm(batches(images, batch_size), total=math.ceil(len(images) / batch_size),
+               disable=not progress, desc=f'IW-NLL, k={num_samples}', unit='batch',
+               mininterval=0.5 if sys.stderr.isatty() else 30)
     with evaluating(model):
         for x in bar:
             x = x.to(model.device)
@@ -341,11 +388,13 @@ def likelihood_terms(model: HierarchicalVAE, images: Tensor, num_samples: int = 
             reconstruction.append(out.reconstruction.cpu()); kl.append(out.kl.cpu())
     return torch.cat(nll), torch.cat(reconstruction), torch.cat(kl)
 
-def dataset_nll(model: HierarchicalVAE, images: Tensor, num_samples: int = 1000, batch_size: int = 100,
-                max_batch: int = 2048, progress: bool = False) -> dict:
-    "Mean IW negative log-likelihood and negative ELBO of `images` (N,C,H,W), in nats and bits per dimension."
-    nll, reconstruction, kl = likelihood_terms(model, images, num_samples, batch_size, max_batch, progress)
+def dataset_nll(model: HierarchicalVAE, images: Tensor, num_samples: int = 1000,
+                batch_size: int = 100, max_batch: int = 2048, progress: bool = False) -> dict:
+    """Mean IW negative log-likelihood and negative ELBO of `images` (N,C,H,W), in nats and bits
+    per dimension."""
+    nll, reconstruction, kl = likelihood_terms(model, images, num_samples, batch_size, max_batch,
+                                               progress)
     nll, neg_elbo = nll.double().mean().item(), (reconstruction + kl.sum(1)).double().mean().item()
     dims = images[0].numel()
-    return dict(nll_nats=nll, nll_bits_per_dim=nats_to_bits_per_dim(nll, dims), neg_elbo_nats=neg_elbo,
-                num_examples=len(images), num_samples=num_samples)
+    return dict(nll_nats=nll, nll_bits_per_dim=nats_to_bits_per_dim(nll, dims),
+                neg_elbo_nats=neg_elbo, num_examples=len(images), num_samples=num_samples)

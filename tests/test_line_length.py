@@ -4,9 +4,6 @@ The site shows a chapter's code cells as they are, and scrolls a code block side
 is wider than the page, so a reader loses the end of the line. Only code cells are checked (prose
 wraps by itself). A failure names the chapter, the cell index (counting every cell, as
 `json.load(...)['cells']` does), the line number within the cell, its length and the line.
-
-Chapters not yet rewrapped are listed in PENDING below; a listed chapter that is already clean
-fails too, so that the list shrinks as chapters are wrapped and cannot go stale.
 """
 import json
 from pathlib import Path
@@ -15,16 +12,6 @@ import pytest
 
 NBS = Path(__file__).resolve().parents[1] / 'nbs'
 LIMIT = 100
-
-# Chapters whose code still has lines over LIMIT (issue 10, "code lines in the chapters fit the
-# page"). Remove a name once its chapter is clean (the test below insists).
-PENDING = {
-    '01_data',
-    '02_vae',
-    '10_presets',
-    '11_train',
-    '13_bench',
-}
 
 
 def chapters() -> list[Path]:
@@ -43,21 +30,11 @@ def long_lines(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize('path', [p for p in chapters() if p.stem not in PENDING],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize('path', chapters(), ids=lambda p: p.stem)
 def test_code_lines_fit_the_page(path):
     found = long_lines(path)
     assert not found, (f"{path.name}: {len(found)} code line(s) longer than {LIMIT} characters "
                        "(the site scrolls sideways beyond that); rewrap them:\n" + '\n'.join(found))
-
-
-@pytest.mark.parametrize('name', sorted(PENDING))
-def test_pending_chapters_are_not_yet_clean(name):
-    path = NBS / f'{name}.ipynb'
-    assert path.exists(), f"PENDING in tests/test_line_length.py names {path.name}, which does not exist"
-    assert long_lines(path), (f"{path.name} is listed in PENDING in tests/test_line_length.py, "
-                              f"but all its code lines fit in {LIMIT} characters: remove it from "
-                              "PENDING")
 
 
 def test_the_check_sees_a_long_line(tmp_path):
