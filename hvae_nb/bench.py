@@ -229,7 +229,7 @@ def run_isolated(name: str, options: dict) -> dict:
 
 # %% ../nbs/13_bench.ipynb #d2e66e4c
 def images_per_s(rate: float) -> str:
-    "Whole images per second, or three significant digits below 100 (a large model on a CPU: 0.177)."
+    "Whole images per second, or three significant digits below 100 (a big model on a CPU: 0.177)."
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 def format_row(r: dict) -> list[str]:
