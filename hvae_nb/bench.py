@@ -6,8 +6,8 @@
 __all__ = ['WORKER_FLAGS', 'TABLE_HEADER', 'synthetic_images', 'make_training_step', 'training_flops', 'synchronize',
            'plan_calls', 'Throughput', 'measure_throughput', 'matmul_peak_flops', 'max_rss_bytes', 'peak_memory_bytes',
            'device_name', 'prepare_model', 'make_sampling_call', 'benchmark_preset', 'is_out_of_memory',
-           'benchmark_or_report', 'worker_arguments', 'worker_timeout', 'run_isolated', 'format_row', 'format_table',
-           'check_bench_options', 'open_output', 'bench_command', 'main']
+           'benchmark_or_report', 'worker_arguments', 'worker_timeout', 'run_isolated', 'images_per_s', 'format_row',
+           'format_table', 'check_bench_options', 'open_output', 'bench_command', 'main']
 
 # %% ../nbs/13_bench.ipynb #479d51e8
 import itertools, json, math, os, platform, resource, statistics, subprocess, sys, time
@@ -228,12 +228,16 @@ def run_isolated(name: str, options: dict) -> dict:
     return dict(preset=name, status='error', error=f'worker exit status {done.returncode}: {last}')
 
 # %% ../nbs/13_bench.ipynb #d2e66e4c
+def images_per_s(rate: float) -> str:
+    "Whole images per second, or three significant digits below 100 (a big model on a CPU: 0.177)."
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
 def format_row(r: dict) -> list[str]:
     if r.get('status') != 'ok':
         status = f"{r.get('status')}: {r.get('error', '')}"
         return [r['preset'], '', '', '', '', '', '', '', status[:60]]
     return [r['preset'], f"{r['parameters'] / 1e6:.2f}M", str(r['batch_size']),
-            f"{r['train_images_per_s']:,.0f}", f"{r['sample_images_per_s']:,.0f}",
+            images_per_s(r['train_images_per_s']), images_per_s(r['sample_images_per_s']),
             f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['flops_per_step'] / 1e9:.3f}",
             f"{r['mfu']:.3f}", 'ok']
 

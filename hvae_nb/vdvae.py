@@ -168,9 +168,10 @@ class Bottleneck(nn.Module):
             vdvae_conv(width_middle, width_out, 1, weight_scale=last_scale)])
         self.residual, self.pool = residual, pool
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = x
-        for conv in self.convs: h = conv(F.gelu(h))
+    def forward(self, x: Tensor, first: Tensor | None = None) -> Tensor:
+        "`first`: the first convolution's output, when the caller has it (a decoder block does)."
+        h = self.convs[0](F.gelu(x)) if first is None else first
+        for conv in self.convs[1:]: h = conv(F.gelu(h))
         if self.residual: h = x + h
         return F.avg_pool2d(h, self.pool) if self.pool else h
 
@@ -214,23 +215,30 @@ class DecoderBlock(nn.Module):
         self.z_projection = vdvae_conv(latent_channels, width, 1, weight_scale=depth_scale)
         self.residual = Bottleneck(width, middle, width, r, residual=True, last_scale=depth_scale)
 
-    def forward(self, states: dict, features: Tensor | None, batch: int, temperature: float = 1.0,
-                use_mean: bool = False) -> Group:
-        "Update `states[resolution]`; z from the posterior if `features` are given, else the prior."
+    def forward(self, states: dict, activated: Tensor | None, batch: int,
+                temperature: float = 1.0, use_mean: bool = False) -> Group:
+        """Update `states[resolution]`; z from the posterior if `activated`, the GELU of the
+        encoder's features at this resolution, is given, else from the prior."""
         r, c = self.resolution, self.latent_channels
         x = states.get(r)
         if x is None: x = self.z_projection.weight.new_zeros(batch, self.width, r, r)
         if self.mixin:
             x = x + F.interpolate(states[self.mixin][:, :self.width], scale_factor=r // self.mixin)
-        prior_out = self.prior(x)
+        x_activated = F.gelu(x)                      # the first GELU of both heads, computed once
+        prior_out = self.prior(x, self.prior.convs[0](x_activated))
+        prior_mean, prior_log_scale, update = prior_out.split([c, c, self.width], 1)
         # the Gaussians in float32, whatever precision autocast gives the convolutions
-        prior = DiagonalGaussian(prior_out[:, :c].float(), prior_out[:, c:2 * c].float())
+        prior = DiagonalGaussian(prior_mean.float(), prior_log_scale.float())
         posterior = None
-        if features is not None:
-            out = self.posterior(torch.cat([x, features], 1)).float()
-            posterior = DiagonalGaussian(*out.chunk(2, 1))
+        if activated is not None:
+            # posterior(cat(x, features)) without the concatenation: a 1x1 convolution of the
+            # concatenation is the sum of the convolutions of its halves
+            w, bias = self.posterior.convs[0].weight, self.posterior.convs[0].bias
+            first = (F.conv2d(x_activated, w[:, :self.width])
+                     + F.conv2d(activated, w[:, self.width:], bias))
+            posterior = DiagonalGaussian(*self.posterior(x, first).float().chunk(2, 1))
         group = Group.draw(prior, posterior, use_mean, temperature)
-        x = x + prior_out[:, 2 * c:]
+        x = x + update
         x = x + self.z_projection(group.z)
         states[r] = self.residual(x)
         return group
@@ -256,7 +264,9 @@ class Decoder(nn.Module):
     def forward(self, features: dict | None, batch: int, keep: int, temperature: float = 1.0,
                 use_mean: bool = False) -> Walk:
         states = {s.shape[-1]: s.expand(batch, -1, -1, -1) for s in self.initial_states}
-        groups = [block(states, features[block.resolution] if i < keep else None, batch,
+        # the GELU of the encoder's features once per resolution, not once per block reading them
+        activated = {r: F.gelu(features[r]) for r in {b.resolution for b in self.blocks[:keep]}}
+        groups = [block(states, activated[block.resolution] if i < keep else None, batch,
                         temperature, use_mean) for i, block in enumerate(self.blocks)]
         h = states[self.image_size] * self.output_gain + self.output_bias
         return Walk(groups[::-1], self.output(h).float())
