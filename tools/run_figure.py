@@ -24,7 +24,7 @@ def run_figure(run_dir: Path, out: Path, count: int = 16, seed: int = 0):
     images, _ = evaluation_images(preset, 'test', None, seed)
     chosen = random_subset(images, count, seed)
     binary = preset.model.likelihood == 'bernoulli'
-    what = 'Bernoulli means' if binary else 'means'
+    what = 'Bernoulli means' if binary else 'samples of the mixture'
     with evaluating(model), torch.no_grad():
         torch.manual_seed(seed)
         samples = model.sample(2 * count, 1.0).float()
@@ -32,10 +32,10 @@ def run_figure(run_dir: Path, out: Path, count: int = 16, seed: int = 0):
         reconstructions = model.reconstruct(chosen).float()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.0), gridspec_kw=dict(width_ratios=[1, 1]))
     show_images(samples, nrow=count // 2, ax=axes[0],
-                title=f'samples: {what} of p(x | z), z ~ p(z)')
+                title=f'from the prior: {what} of p(x | z), z ~ p(z)')
     show_images(torch.cat([chosen[:count // 2], reconstructions[:count // 2],
                            chosen[count // 2:], reconstructions[count // 2:]]), nrow=count // 2, ax=axes[1],
-                title=f'test images (rows 1, 3) and {what} of p(x | z), z ~ q(z | x) (rows 2, 4)')
+                title=f'test images (rows 1, 3); {what} of p(x | z), z the mean of q(z | x) (rows 2, 4)')
     for ax in axes: ax.title.set_fontsize(9)
     evaluation = json.loads((run_dir / 'eval.json').read_text()) if (run_dir / 'eval.json').exists() else None
     if evaluation:
