@@ -29,6 +29,13 @@ ENVIRONMENT = dict(
     os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', MPLBACKEND='Agg', PYTHONUNBUFFERED='1'
 )
 SMALL = VDVAEConfig(width=16, latent_channels=4)
+
+
+def run_module(module: str, *args) -> subprocess.CompletedProcess:
+    "`python -m module args...` from the checkout, one thread, output captured."
+    return subprocess.run([sys.executable, '-m', module, *map(str, args)], capture_output=True,
+                          text=True, env=ENVIRONMENT, cwd=ROOT, timeout=300)
+
 # an official-shaped model small enough for a test: the CIFAR-10 preset with fewer, narrower blocks
 TINY = dict(
     enc_blocks='32x2,32d2,16x1,16d2,8x1,8d4,2x1,2d2,1x1',
@@ -367,50 +374,12 @@ def test_files_that_are_not_checkpoints(tmp_path, capsys):
 def test_command_line_conversion_then_evaluation(tmp_path):
     torch.save({'module.' + k: v for k, v in official_checkpoint().items()}, tmp_path / 'tiny.th')
     overrides = ['--override'] + [f'{k}={v}' for k, v in TINY_OVERRIDES.items()]
-    converted = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'hvae_nb.convert',
-            'vdvae',
-            str(tmp_path / 'tiny.th'),
-            '--preset',
-            'vdvae_cifar10',
-            '--out',
-            str(tmp_path / 'run'),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        env=ENVIRONMENT,
-        cwd=ROOT,
-        timeout=300,
-    )
+    converted = run_module('hvae_nb.convert', 'vdvae', tmp_path / 'tiny.th', '--preset',
+                           'vdvae_cifar10', '--out', tmp_path / 'run', *overrides)
     assert converted.returncode == 0, converted.stderr
     data = write_fake_cifar(tmp_path / 'data')
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'hvae_nb.evaluate',
-            str(tmp_path / 'run'),
-            '--k',
-            '2',
-            '--batch-size',
-            '2',
-            '--data-dir',
-            str(data),
-            '--no-figures',
-            '--no-progress',
-            '--device',
-            'cpu',
-        ],
-        capture_output=True,
-        text=True,
-        env=ENVIRONMENT,
-        cwd=ROOT,
-        timeout=300,
-    )
+    evaluated = run_module('hvae_nb.evaluate', tmp_path / 'run', '--k', '2', '--batch-size', '2',
+                           '--data-dir', data, '--no-figures', '--no-progress', '--device', 'cpu')
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads((tmp_path / 'run' / 'eval.json').read_text())
     assert (
@@ -431,29 +400,9 @@ def test_read_checkpoint_drops_the_ddp_prefix(tmp_path):
 
 # ---- training ------------------------------------------------------------------------------------
 def test_vdvae_digits_trains_from_the_command_line(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'hvae_nb.train',
-            '--preset',
-            'vdvae_digits',
-            '--max-steps',
-            '5',
-            '--out',
-            str(tmp_path / 'run'),
-            '--no-progress',
-            '--override',
-            'train.final_eval_samples=1',
-            'train.batch_size=16',
-            'model.width=8',
-        ],
-        capture_output=True,
-        text=True,
-        env=ENVIRONMENT,
-        cwd=ROOT,
-        timeout=300,
-    )
+    done = run_module('hvae_nb.train', '--preset', 'vdvae_digits', '--max-steps', '5',
+                      '--out', tmp_path / 'run', '--no-progress', '--override',
+                      'train.final_eval_samples=1', 'train.batch_size=16', 'model.width=8')
     assert done.returncode == 0, done.stderr
     records = [
         json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
