@@ -194,9 +194,9 @@ class NLayerVAE(HierarchicalVAE):
                   for place, d in reversed(list(enumerate(order.tolist())))]     # bottom -> top
         return Walk(groups, self.decoder(z))
 
-    def trace(self, x: Tensor) -> LatentTrace:
+    def trace(self, x: Tensor, features=None) -> LatentTrace:
         "The base class's trace on whole tensors, not one small group at a time: the same numbers."
-        posterior = DiagonalGaussian(*self.bottom_up(x))
+        posterior = DiagonalGaussian(*(self.bottom_up(x) if features is None else features))
         z = posterior.rsample()
         prior = self.prior.conditionals(z)
         bottom_to_top = self.prior.order.flip(0)

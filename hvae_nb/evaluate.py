@@ -190,8 +190,9 @@ def save_figures(model, images: torch.Tensor, kl_per_group: torch.Tensor, active
 def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 100,
                  max_examples: int | None = None, weights: str = 'model.safetensors',
                  data_dir=None, seed: int = 0, max_batch: int = 2048, device: str | None = None,
-                 figures: bool = True, progress: bool = True) -> dict:
-    "Evaluate the run in `run_dir`: write `eval.json` and `figures/` there and return the results."
+                 figures: bool = True, progress: bool = True, compiled: bool = False) -> dict:
+    """Evaluate the run in `run_dir`: write `eval.json` and `figures/` there and return the results.
+    `compiled`: the importance-weighted walks run under `torch.compile`."""
     began, run_dir = time.time(), Path(run_dir)
     check_options(k, split, batch_size, max_batch, max_examples, device)
     device = device or default_device()
@@ -200,14 +201,15 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
     records = read_metrics(run_dir)
     # everything is checked: from here on we compute
     torch.manual_seed(seed)
-    terms = likelihood_terms(model, images, k, batch_size, max_batch, progress)
+    terms = likelihood_terms(model, images, k, batch_size, max_batch, progress, compiled)
     found = active_units(model, images, batch_size)
     result = dict(run_dir=str(run_dir), preset=preset.name, dataset=preset.dataset, split=split,
                   weights=describe_weights(weights_path, run_dir, preset.train.ema_decay), k=k,
                   num_examples=len(images), split_size=split_size,
                   subset_seed=seed if len(images) < split_size else None,
                   **summarize(*terms, dims=images[0].numel()),
-                  active_units=active_units_summary(found), device=str(device), seed=seed)
+                  active_units=active_units_summary(found), device=str(device), seed=seed,
+                  compiled=compiled)
     if figures:
         kl_per_group = torch.tensor(result['kl_per_group_nats'])
         result['figures'] = save_figures(model, images, kl_per_group, found, records,
@@ -228,13 +230,14 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                      max_batch: int = 2048,            # images per pass when importance sampling
                      device: str = None,               # cpu or cuda (default: cuda when available)
                      no_figures: store_true = False,   # skip the figures
+                     compile: store_true = False,      # torch.compile the walks (slow to compile)
                      no_progress: store_true = False): # hide the progress bar
     """Evaluate a trained run: IW-NLL, negative ELBO, KL and active units per group; writes
     RUN_DIR/eval.json and RUN_DIR/figures/."""
     result = evaluate_run(run_dir, k=k, split=split, batch_size=batch_size,
                           max_examples=max_examples, weights=weights, data_dir=data_dir, seed=seed,
                           max_batch=max_batch, device=device, figures=not no_figures,
-                          progress=not no_progress)
+                          progress=not no_progress, compiled=compile)
     print(summary_line(result))
     return result
 

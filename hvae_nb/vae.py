@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LIKELIHOODS', 'Group', 'Walk', 'LatentTrace', 'VAEOutput', 'elbo_loss', 'kl_warmup', 'ConfigError', 'invalid',
            'is_int', 'check_positive_ints', 'check_sizes', 'check_number', 'check_choice', 'ModelConfig',
-           'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating',
+           'repeat_batch', 'HierarchicalVAE', 'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating',
            'readjust_batch_norm', 'batches', 'iw_log_likelihood', 'likelihood_terms', 'dataset_nll']
 
 # %% ../nbs/02_vae.ipynb #6151a5d7
@@ -166,6 +166,16 @@ class ModelConfig:
         raise NotImplementedError(f"{type(self).__name__} must define build(), returning its model")
 
 # %% ../nbs/02_vae.ipynb #d8ecbb2e
+def repeat_batch(features, k: int):
+    """Every tensor in `features` (nested in lists, tuples and dicts) repeated k times along the
+    batch, as `x.repeat(k, 1, ...)`: row j*B + i is example i."""
+    if isinstance(features, Tensor):
+        return features.repeat(k, *([1] * (features.dim() - 1))) if features.dim() else features
+    if isinstance(features, dict): return {key: repeat_batch(v, k) for key, v in features.items()}
+    if isinstance(features, (list, tuple)):
+        return type(features)(repeat_batch(v, k) for v in features)
+    return features
+
 class HierarchicalVAE(nn.Module, ABC):
     """The interface every model implements: `bottom_up`, `top_down` and `latent_shapes` (and sets
     `self.likelihood`); everything else is derived here, once."""
@@ -207,8 +217,11 @@ class HierarchicalVAE(nn.Module, ABC):
         "Every group from the posterior."
         return self.top_down(self.bottom_up(x), x.shape[0], self.num_groups, use_mean=use_mean)
 
-    def trace(self, x: Tensor) -> LatentTrace:
-        walk = self.posterior_walk(x)
+    def trace(self, x: Tensor, features=None) -> LatentTrace:
+        """One posterior walk, per example: log p(x | z), and the KL and log p(z) - log q(z) of
+        every group; `features`, the output of `bottom_up(x)`, are computed unless given."""
+        features = self.bottom_up(x) if features is None else features
+        walk = self.top_down(features, x.shape[0], self.num_groups)
         kl, log_ratio = (torch.stack(t, 1) for t in zip(*(g.terms() for g in walk.groups)))
         return LatentTrace(self.likelihood.log_prob(walk.params, x), kl, log_ratio)
 
@@ -223,6 +236,12 @@ class HierarchicalVAE(nn.Module, ABC):
         "log p(x, z) - log q(z | x) for one z ~ q(z | x), per example."
         t = self.trace(x)
         return t.log_px + t.log_ratio.sum(1)
+
+    def log_weights(self, x: Tensor, k: int) -> Tensor:
+        """(k, B): `log_weight` for k draws per example. The bottom-up pass is deterministic, so it
+        runs once and its features are repeated for the k walks down."""
+        t = self.trace(repeat_batch(x, k), repeat_batch(self.bottom_up(x), k))
+        return (t.log_px + t.log_ratio.sum(1)).view(k, x.shape[0])
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
@@ -358,14 +377,17 @@ def batches(images: Tensor, batch_size: int):
 
 @torch.no_grad()
 def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000,
-                      max_batch: int = 2048) -> Tensor:
-    "Importance-weighted estimate of log p(x) per example (Burda et al., 2015), in bounded memory."
+                      max_batch: int = 2048, log_weights=None) -> Tensor:
+    """Importance-weighted estimate of log p(x) per example (Burda et al., 2015), in bounded memory:
+    at most `max_batch` walks at once. `log_weights(x, k)` (default: `model.log_weights`) can be a
+    compiled version of it."""
+    log_weights = log_weights or model.log_weights
     batch = x.shape[0]
     per_chunk = max(1, max_batch // batch)
     total, done = torch.full((batch,), -math.inf, device=x.device), 0
     while done < num_samples:
         k = min(per_chunk, num_samples - done)
-        weights = model.log_weight(x.repeat(k, *([1] * (x.dim() - 1)))).view(k, batch)
+        weights = log_weights(x, k)
         total = torch.logaddexp(total, torch.logsumexp(weights, 0))
         done += k
     return total - math.log(num_samples)
@@ -373,17 +395,22 @@ def iw_log_likelihood(model: HierarchicalVAE, x: Tensor, num_samples: int = 1000
 @torch.no_grad()
 def likelihood_terms(model: HierarchicalVAE, images: Tensor, num_samples: int = 1000,
                      batch_size: int = 100, max_batch: int = 2048,
-                     progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                     progress: bool = False,
+                     compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Per image: the IW negative log-likelihood, the reconstruction term and the KL per group, in
-    nats."""
+    nats. `compiled`: the importance-weighted walks run under `torch.compile` (compiling takes a
+    minute or two; worth it for long evaluations). It keeps eager mode's random-number generator,
+    but may draw the groups' noise in another order: the same estimate up to Monte Carlo error."""
     nll, reconstruction, kl = [], [], []
+    log_weights = model.log_weights
+    if compiled: log_weights = torch.compile(log_weights, options={'fallback_random': True})
     bar = tqdm(batches(images, batch_size), total=math.ceil(len(images) / batch_size),
                disable=not progress, desc=f'IW-NLL, k={num_samples}', unit='batch',
                mininterval=0.5 if sys.stderr.isatty() else 30)
     with evaluating(model):
         for x in bar:
             x = x.to(model.device)
-            nll.append(-iw_log_likelihood(model, x, num_samples, max_batch).cpu())
+            nll.append(-iw_log_likelihood(model, x, num_samples, max_batch, log_weights).cpu())
             out = model(x)
             reconstruction.append(out.reconstruction.cpu()); kl.append(out.kl.cpu())
     return torch.cat(nll), torch.cat(reconstruction), torch.cat(kl)

@@ -91,6 +91,10 @@ def test_same_seed_same_numbers_and_train_split(tiny_run, tmp_path):
     again = evaluate_run(run_dir, k=5, max_examples=40, figures=False, progress=False)
     other = evaluate_run(run_dir, k=5, max_examples=40, seed=1, figures=False, progress=False)
     assert first['nll_nats'] == again['nll_nats'] and first['nll_nats'] != other['nll_nats']
+    # under torch.compile (--compile): for a one-group model the same draws, so the same estimate
+    compiled = evaluate_run(run_dir, k=5, max_examples=40, figures=False, progress=False, compiled=True)
+    assert compiled['compiled'] and not first['compiled']
+    assert abs(compiled['nll_nats'] - first['nll_nats']) < 1e-4, (compiled['nll_nats'], first['nll_nats'])
     train = evaluate_run(run_dir, k=5, split='train', max_examples=30, figures=False, progress=False)
     assert (train['split'], train['num_examples'], train['split_size']) == ('train', 30, 1500)
     images, _ = evaluation_images(get_preset('vae_digits'), 'train', 30, seed=0)

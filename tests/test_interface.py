@@ -161,3 +161,20 @@ def test_a_model_without_its_walk_cannot_be_made():
 def test_a_configuration_that_cannot_be_built_fails_when_made():
     with pytest.raises(ConfigError, match='TwoGroupConfig.width must be positive'):
         TwoGroupConfig(width=0)
+
+
+@pytest.mark.parametrize('name', ['vae_digits', 'lvae_digits', 'nvae_digits', 'vdvae_digits', 'nlayer_digits'])
+def test_k_walks_from_one_bottom_up_pass_equal_k_walks_of_the_repeated_batch(name):
+    from hvae_nb.presets import get_preset
+    from hvae_nb.vae import evaluating, repeat_batch
+    torch.manual_seed(0)
+    preset = get_preset(name)
+    model = preset.model.build()
+    x = torch.bernoulli(torch.full((5, *preset.model.image_shape), 0.4))
+    with evaluating(model):
+        torch.manual_seed(3); shared = model.log_weights(x, 4)
+        torch.manual_seed(3); repeated = model.log_weight(repeat_batch(x, 4)).view(4, 5)
+    assert shared.shape == (4, 5)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-3)
+    # rows j*B + i are example i: walks of other examples would give other weights
+    assert not torch.allclose(shared[:, 0], shared[:, 1])
