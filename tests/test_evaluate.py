@@ -16,6 +16,7 @@ from hvae_nb.data import load_data, random_subset  # noqa: E402
 from hvae_nb.vae import dataset_nll  # noqa: E402
 from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.configs import apply_overrides  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 ENVIRONMENT = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
                'MPLBACKEND': 'Agg'}
@@ -164,3 +165,35 @@ def test_bad_input_is_one_line_and_exit_status_2(tiny_run, tmp_path, capsys):
         out, err = capsys.readouterr()
         check_one_line(args, expected, exit_status.value.code, out, err)
     assert not any((folder / 'eval.json').exists() for folder in broken.values())
+
+
+def test_evaluate_parts_resumes_and_scores_every_image_once(tiny_run, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('evaluate_parts', ROOT / 'tools' / 'evaluate_parts.py')
+    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    out = tmp_path / 'parts'
+    part = lambda i, *more, folder=out: tool.main([str(tiny_run), '--k', '3', '--parts', '2', '--part', str(i),
+                                                   '--out', str(folder), '--save-every', '50', *more])
+    part(0, '--max-minutes', '1e-9')            # stopped after its first save
+    assert json.loads((out / 'part_0_of_2.json').read_text())['done'] == 50
+    with pytest.raises(SystemExit, match='1 of 2 parts'): tool.combine(out)
+    part(1)
+    partial = tool.combine(out)                  # 50 + 148 of 297: a random subset, said to be unfinished
+    assert (partial['num_examples'], partial['complete']) == (198, False) and 'not finished' in capsys.readouterr().out
+    part(0)                                      # resumes after 50
+    assert 'resuming after 50 of 149' in capsys.readouterr().out
+    result = tool.combine(out)
+    assert (result['num_examples'], result['split_size'], result['complete']) == (297, 297, True)
+    assert json.loads((out / 'combined.json').read_text())['nll_nats'] == result['nll_nats']
+    # each save's images are seeded by their place: the resumed part equals one run straight through
+    part(0, folder=tmp_path / 'straight')
+    resumed, straight = (load_file(folder / 'part_0_of_2.safetensors') for folder in (out, tmp_path / 'straight'))
+    assert torch.equal(resumed['rows'], straight['rows']) and torch.equal(resumed['nll'], straight['nll'])
+    # the rows are a random order, not the file's
+    assert not torch.equal(resumed['rows'], resumed['rows'].sort().values)
+    # against the library's evaluation of all 297 images with the same k (on a copy of the run: it writes
+    # eval.json): the same bound on the same images, other draws, so only Monte Carlo noise between them
+    run_dir = tmp_path / 'run'
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns('checkpoints', 'figures', 'eval.json'))
+    whole = evaluate_run(run_dir, k=3, figures=False, progress=False)
+    assert abs(result['nll_nats'] - whole['nll_nats']) < 0.5, (result['nll_nats'], whole['nll_nats'])
