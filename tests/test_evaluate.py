@@ -180,6 +180,8 @@ def test_evaluate_parts_resumes_and_scores_every_image_once(tiny_run, tmp_path, 
     part(1)
     partial = tool.combine(out)                  # 50 + 148 of 297: a random subset, said to be unfinished
     assert (partial['num_examples'], partial['complete']) == (198, False) and 'not finished' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"written with other \['k'\]"):     # not with another k
+        tool.main([str(tiny_run), '--k', '4', '--parts', '2', '--part', '0', '--out', str(out), '--save-every', '50'])
     part(0)                                      # resumes after 50
     assert 'resuming after 50 of 149' in capsys.readouterr().out
     result = tool.combine(out)

@@ -17,7 +17,7 @@ its last save; `--max-minutes` stops it after the first save past that time.
 
 On a CPU, passes of about 100 walks (`--max-batch 100`, the default here) were 2.5 times as fast as
 passes of 2000 for the convolutional NVAE (cache), and `--channels-last` another 1.3 times."""
-import argparse, json, sys, time
+import argparse, hashlib, json, sys, time
 from pathlib import Path
 
 import torch
@@ -42,8 +42,12 @@ def save_atomically(tensors: dict, about: dict, folder: Path, name: str) -> None
         temporary.replace(folder / f'{name}{suffix}')
 
 
+def file_sha256(path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def run_part(args) -> None:
     preset, model, weights = load_run(Path(args.run_dir), args.weights, 'cpu')
+    weights_sha256 = file_sha256(weights)
     if args.channels_last: model.to(memory_format=torch.channels_last)
     images, size = evaluation_images(preset, args.split, None, args.seed, args.data_dir)
     rows = part_rows(size, args.part, args.parts, args.seed)
@@ -53,8 +57,9 @@ def run_part(args) -> None:
     first, spent = 0, 0.0
     if (out / f'{name}.json').exists():     # resume where an earlier run of this part stopped
         about = json.loads((out / f'{name}.json').read_text())
-        settings = dict(run_dir=str(Path(args.run_dir).resolve()), weights=str(weights), k=args.k,
-                        split=args.split, seed=args.seed, save_every=args.save_every)
+        # the same weights (by content: the run may have moved), k, split and order
+        settings = dict(weights_sha256=weights_sha256, k=args.k, split=args.split, seed=args.seed,
+                        save_every=args.save_every, parts=args.parts)
         differ = [key for key, value in settings.items() if about.get(key, value) != value]
         if differ:
             sys.exit(f"evaluate_parts: error: {out / name}.json was written with other {differ}; "
@@ -72,7 +77,8 @@ def run_part(args) -> None:
         done = start + len(chosen)
         tensors = {key: torch.cat(values) for key, values in results.items()}
         tensors['rows'] = rows[:done].clone()
-        about = dict(run_dir=str(Path(args.run_dir).resolve()), weights=str(weights), k=args.k,
+        about = dict(run_dir=str(Path(args.run_dir).resolve()), weights=str(weights),
+                     weights_sha256=weights_sha256, k=args.k,
                      split=args.split, split_size=size, part=args.part, parts=args.parts,
                      seed=args.seed, save_every=args.save_every, compiled=args.compile,
                      channels_last=args.channels_last, max_batch=args.max_batch, done=done,
@@ -88,7 +94,8 @@ def run_part(args) -> None:
 def combine(folder: Path) -> dict:
     abouts = [json.loads(p.read_text()) for p in sorted(folder.glob('part_*_of_*.json'))]
     if not abouts: sys.exit(f"evaluate_parts: error: no part_*_of_*.json in {folder}")
-    same = {key: {a[key] for a in abouts} for key in ('run_dir', 'weights', 'k', 'split', 'parts')}
+    keys = ('weights_sha256', 'k', 'split', 'parts', 'seed')
+    same = {key: {a.get(key) for a in abouts} for key in keys}
     if any(len(v) > 1 for v in same.values()):
         sys.exit(f"evaluate_parts: error: the parts differ in {[k for k, v in same.items() if len(v) > 1]}")
     tensors = [load_file(folder / f"part_{a['part']}_of_{a['parts']}.safetensors") for a in abouts]
