@@ -15,8 +15,9 @@ that the parts belong together and that no row was scored twice, and prints the 
 subset done, writing it to PARTS_DIR/combined.json. Run a part again (same options) and it resumes after
 its last save; `--max-minutes` stops it after the first save past that time.
 
-On a CPU, passes of about 100 walks (`--max-batch 100`, the default here) were 2.5 times as fast as
-passes of 2000 for the convolutional NVAE (cache), and `--channels-last` another 1.3 times."""
+On a CPU, eager passes of about 100 walks (`--max-batch 100`, the default here) were about twice as fast as
+eager passes of 2000 for the convolutional NVAE (the caches), and `--channels-last` another 1.3 times
+(chapter 12 gives the measurements)."""
 import argparse, hashlib, json, sys, time
 from pathlib import Path
 
