@@ -63,6 +63,8 @@ class LatentTrace:
     log_px: Tensor      # (B,)   log p(x | z)
     kl: Tensor          # (B, G) KL(q(z_l | z_>l, x) || p(z_l | z_>l)), analytic where possible
     log_ratio: Tensor   # (B, G) log p(z_l | z_>l) - log q(z_l | z_>l, x) at the sampled z
+    @property
+    def log_weight(self) -> Tensor: return self.log_px + self.log_ratio.sum(1)  # log p(x,z) - log q
 
 @dataclass
 class VAEOutput:
@@ -234,14 +236,13 @@ class HierarchicalVAE(nn.Module, ABC):
 
     def log_weight(self, x: Tensor) -> Tensor:
         "log p(x, z) - log q(z | x) for one z ~ q(z | x), per example."
-        t = self.trace(x)
-        return t.log_px + t.log_ratio.sum(1)
+        return self.trace(x).log_weight
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
         """(k, B): `log_weight` for k draws per example. The bottom-up pass is deterministic, so it
         runs once and its features are repeated for the k walks down."""
         t = self.trace(repeat_batch(x, k), repeat_batch(self.bottom_up(x), k))
-        return (t.log_px + t.log_ratio.sum(1)).view(k, x.shape[0])
+        return t.log_weight.view(k, x.shape[0])
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
