@@ -27,7 +27,7 @@ from .cli import default_device, parse_arguments, run_command
 # %% ../nbs/13_bench.ipynb #a28e89e6
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
                         transposed, _output_padding, _groups, output_mask, out_shape=None) -> int:
-    "FLOPs of `aten.convolution_backward`: each gradient asked for costs what the forward pass does."
+    "FLOPs of `aten.convolution_backward`: each gradient asked for costs what the forward does."
     positions = math.prod((x_shape if transposed else grad_out_shape)[2:])
     forward = 2 * x_shape[0] * math.prod(w_shape) * positions
     return forward * (int(output_mask[0]) + int(output_mask[1]))
