@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hvae_nb.evaluate import evaluation_images, load_run, summarize
+from hvae_nb.runs import write_json_atomically
 from hvae_nb.vae import likelihood_terms
 
 
@@ -34,13 +35,14 @@ def part_rows(size: int, part: int, parts: int, seed: int) -> torch.Tensor:
     return order[part::parts]
 
 
-def save_atomically(tensors: dict, about: dict, folder: Path, name: str) -> None:
-    "The part's results so far; a crash leaves the previous save, never half a file."
-    for suffix, write in (('.safetensors', lambda p: save_file(tensors, p)),
-                          ('.json', lambda p: p.write_text(json.dumps(about, indent=1)))):
-        temporary = folder / f'.{name}{suffix}.tmp'
-        write(temporary)
-        temporary.replace(folder / f'{name}{suffix}')
+def save_part(tensors: dict, about: dict, folder: Path, name: str) -> None:
+    """The part's results so far, each file through a temporary name: a crash leaves the previous
+    save, never half a file. The tensors go first, so they never hold fewer rows than the JSON's
+    `done` says."""
+    temporary = folder / f'.{name}.safetensors.tmp'
+    save_file(tensors, temporary)
+    temporary.replace(folder / f'{name}.safetensors')
+    write_json_atomically(folder / f'{name}.json', about)
 
 
 def file_sha256(path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -54,20 +56,25 @@ def run_part(args) -> None:
     rows = part_rows(size, args.part, args.parts, args.seed)
     out, name = Path(args.out), f'part_{args.part}_of_{args.parts}'
     out.mkdir(parents=True, exist_ok=True)
+    fixed = dict(run_dir=str(Path(args.run_dir).resolve()), weights=str(weights),
+                 weights_sha256=weights_sha256, k=args.k, split=args.split, split_size=size,
+                 part=args.part, parts=args.parts, seed=args.seed, save_every=args.save_every,
+                 compiled=args.compile, channels_last=args.channels_last, max_batch=args.max_batch,
+                 of=len(rows), dims=images[0].numel(), preset=preset.name)
     began, results = time.time(), {'nll': [], 'reconstruction': [], 'kl': []}
     first, spent = 0, 0.0
     if (out / f'{name}.json').exists():     # resume where an earlier run of this part stopped
         about = json.loads((out / f'{name}.json').read_text())
         # the same weights (by content: the run may have moved), k, split and order
-        settings = dict(weights_sha256=weights_sha256, k=args.k, split=args.split, seed=args.seed,
-                        save_every=args.save_every, parts=args.parts)
-        differ = [key for key, value in settings.items() if about.get(key, value) != value]
+        differ = [key for key in ('weights_sha256', 'k', 'split', 'seed', 'save_every', 'parts')
+                  if about.get(key, fixed[key]) != fixed[key]]
         if differ:
             sys.exit(f"evaluate_parts: error: {out / name}.json was written with other {differ}; "
                      f"use another --out")
-        saved = load_file(out / f'{name}.safetensors')
-        for key in results: results[key].append(saved[key])
         first, spent = about['done'], about['seconds']
+        saved = load_file(out / f'{name}.safetensors')
+        # a crash between the two files of a save leaves tensors ahead of the JSON: keep `first`
+        for key in results: results[key].append(saved[key][:first])
         print(f"{name}: resuming after {first} of {len(rows)} images", flush=True)
     for start in range(first, len(rows), args.save_every):
         chosen = rows[start:start + args.save_every]
@@ -78,15 +85,8 @@ def run_part(args) -> None:
         done = start + len(chosen)
         tensors = {key: torch.cat(values) for key, values in results.items()}
         tensors['rows'] = rows[:done].clone()
-        about = dict(run_dir=str(Path(args.run_dir).resolve()), weights=str(weights),
-                     weights_sha256=weights_sha256, k=args.k,
-                     split=args.split, split_size=size, part=args.part, parts=args.parts,
-                     seed=args.seed, save_every=args.save_every, compiled=args.compile,
-                     channels_last=args.channels_last, max_batch=args.max_batch, done=done,
-                     of=len(rows), seconds=round(spent + time.time() - began, 1),
-                     dims=images[0].numel(),
-                     preset=preset.name)
-        save_atomically(tensors, about, out, name)
+        save_part(tensors, {**fixed, 'done': done, 'seconds': round(spent + time.time() - began, 1)},
+                  out, name)
         print(f"{name}: {done} of {len(rows)} images, mean NLL so far "
               f"{tensors['nll'].double().mean():.3f} nats, {time.time() - began:.0f} s", flush=True)
         if args.max_minutes and time.time() - began > 60 * args.max_minutes: break
@@ -113,7 +113,7 @@ def combine(folder: Path) -> dict:
                   complete=complete, parts=len(abouts),
                   seconds_per_part=[a['seconds'] for a in abouts],
                   **summarize(cat('nll'), cat('reconstruction'), cat('kl'), abouts[0]['dims']))
-    (folder / 'combined.json').write_text(json.dumps(result, indent=1))
+    write_json_atomically(folder / 'combined.json', result)
     print(f"{result['preset']}: {result['split']} NLL {result['nll_nats']:.2f} nats "
           f"(standard error {result['nll_standard_error_nats']:.2f}; "
           f"{result['nll_bits_per_dim']:.4f} bits/dim), -ELBO {result['neg_elbo_nats']:.2f}, "
