@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['WORKER_FLAGS', 'TABLE_HEADER', 'conv_backward_flops', 'flop_counter', 'synthetic_images', 'make_training_step',
            'training_flops', 'synchronize', 'plan_calls', 'Throughput', 'measure_throughput', 'matmul_peak_flops',
-           'max_rss_bytes', 'peak_memory_bytes', 'device_name', 'prepare_model', 'make_sampling_call',
-           'benchmark_preset', 'is_out_of_memory', 'benchmark_or_report', 'worker_arguments', 'worker_timeout',
-           'run_isolated', 'images_per_s', 'format_row', 'format_table', 'check_bench_options', 'open_output',
-           'bench_command', 'main']
+           'proc_status_bytes', 'max_rss_bytes', 'peak_memory_bytes', 'device_name', 'prepare_model',
+           'make_sampling_call', 'benchmark_preset', 'is_out_of_memory', 'benchmark_or_report', 'worker_arguments',
+           'worker_timeout', 'run_isolated', 'images_per_s', 'format_row', 'format_table', 'check_bench_options',
+           'open_output', 'bench_command', 'main']
 
 # %% ../nbs/13_bench.ipynb #479d51e8
 import itertools, json, math, os, platform, resource, statistics, subprocess, sys, time
@@ -119,8 +119,18 @@ def matmul_peak_flops(device: torch.device, dtype=torch.float32, size: int | Non
         best, trials = max(best, 2 * size ** 3 / (time.perf_counter() - start)), trials + 1
     return best
 
+def proc_status_bytes(field: str) -> int | None:
+    "A memory line of /proc/self/status (Linux: 'VmRSS', 'VmHWM', ...) in bytes; None elsewhere."
+    status = Path('/proc/self/status')
+    if not status.exists(): return None
+    line = next(l for l in status.read_text().splitlines() if l.startswith(field + ':'))
+    return int(line.split()[1]) * 1024
+
 def max_rss_bytes() -> int:
-    "The largest resident set size this process has had (Linux reports kilobytes, macOS bytes)."
+    """The largest resident set size this process has had: Linux's VmHWM, else `getrusage`
+    (whose ru_maxrss on Linux includes the parent's peak: see above)."""
+    peak = proc_status_bytes('VmHWM')
+    if peak is not None: return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == 'darwin' else peak * 1024
 
@@ -170,6 +180,7 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
     sample = measure_throughput(sampling, batch_size, device, steps, repeats, warmup, budget_s)
     memory = peak_memory_bytes(device)
     memory_measure = ('torch.cuda.max_memory_allocated' if device.type == 'cuda' else
+                      'peak RSS of the process (VmHWM)' if proc_status_bytes('VmHWM') else
                       'peak RSS of the process (getrusage)')
     peak = matmul_peak_flops(device)
     achieved = flops * train.images_per_s / batch_size

@@ -23,8 +23,8 @@ process:
 3. **memory**: the bytes of the tensors one forward pass keeps for the backward pass (each
    storage once, `torch.autograd.graph.saved_tensors_hooks`), and the peak RSS of a fresh
    process that builds one side only and takes a warm-up and one timed step (`--only`, run here
-   as a subprocess; on Linux its VmHWM, see `peak_rss_mib`), with the RSS it had before building
-   the model.
+   as a subprocess; on Linux its VmHWM, see `hvae_nb.bench.max_rss_bytes`), with the RSS it had
+   before building the model.
 
 With `--mixed-precision bf16` ours runs under bfloat16 autocast, as `train --mixed-precision
 bf16` and the benchmark apply it (the Accelerator's autocast; one setting per process, as the
@@ -46,14 +46,15 @@ A step of the full model at batch 4 takes 7-8 s on one thread of an AMD EPYC wit
 on an older AVX2 CPU): five rounds in float32 took three minutes there, the peak-RSS subprocesses
 one more.
 """
-import argparse, json, platform, resource, statistics, subprocess, sys, time
+import argparse, json, statistics, subprocess, sys, time
 from dataclasses import replace
 from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from hvae_nb.bench import make_training_step, prepare_model, synthetic_images  # noqa: E402
+from hvae_nb.bench import (device_name, make_training_step, max_rss_bytes, prepare_model,  # noqa: E402
+                           proc_status_bytes, synthetic_images)
 from hvae_nb.convert import vdvae_state_dict  # noqa: E402
 from hvae_nb.distributions import DiagonalGaussian  # noqa: E402
 from hvae_nb.presets import get_preset  # noqa: E402
@@ -201,38 +202,18 @@ def our_variant(preset, images, mixed_precision: str, seed: int = 0,
 def cpu_description() -> dict:
     text = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
     lines = text.splitlines()
-    name = next((l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')),
-                platform.processor())
     flags = next((l.split(':', 1)[1].split() for l in lines if l.startswith('flags')), [])
     wanted = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_tile')
-    return dict(name=name, flags=[f for f in wanted if f in flags],
+    return dict(name=device_name(torch.device('cpu')), flags=[f for f in wanted if f in flags],
                 capability=torch.backends.cpu.get_cpu_capability(),
                 mkldnn_bf16=torch.ops.mkldnn._is_mkldnn_bf16_supported(),
                 torch=torch.__version__, threads=torch.get_num_threads())
 
 
-def proc_status_mib(field: str) -> float | None:
-    "A memory line of /proc/self/status (Linux), in MiB."
-    status = Path('/proc/self/status')
-    if not status.exists(): return None
-    line = next(l for l in status.read_text().splitlines() if l.startswith(field + ':'))
-    return int(line.split()[1]) / 1024
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS. Linux's `getrusage` ru_maxrss is no use in a subprocess: exec folds
-    the parent's high-water mark into the child's (it read this script's parent, 8.3 GB), so the
-    high-water mark of the process's own memory map (VmHWM) is read where there is one."""
-    peak = proc_status_mib('VmHWM')
-    if peak is not None: return peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == 'darwin' else peak / 1024
-
-
 def only(args, preset, vae_module, hparams, update_ema):
     "One side in this fresh process: a warm-up and `rounds` steps; prints its peak RSS as JSON."
     images = synthetic_images(preset, args.batch_size, 'cpu')
-    before = proc_status_mib('VmRSS')
+    before = proc_status_bytes('VmRSS')     # None off Linux
     if args.only == 'official':
         step, _, records = official_variant(vae_module, hparams, update_ema, images, preset)
     else:
@@ -242,7 +223,7 @@ def only(args, preset, vae_module, hparams, update_ema):
     for _ in range(1 + args.rounds):
         began = time.perf_counter(); step(); seconds.append(time.perf_counter() - began)
     print(json.dumps(dict(only=args.only, mixed_precision=args.mixed_precision,
-                          rss_before_model_mib=before, peak_rss_mib=peak_rss_mib(),
+                          rss_before_model_mib=before and before / 2**20, peak_rss_mib=max_rss_bytes() / 2**20,
                           step_s=seconds, steps=records)))
 
 
