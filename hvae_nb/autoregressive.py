@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood, soft_clamp,
                                    sum_except_batch)
-from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, LatentTrace, mlp, check_sizes,
-                         check_choice, invalid)
+from .configs import ModelConfig, check_choice, check_sizes, invalid, register_family
+from .vae import HierarchicalVAE, Group, Walk, LatentTrace, mlp
 
 # %% ../nbs/09a_autoregressive.ipynb #1c4ddf4c
 class MaskedLinear(nn.Linear):
@@ -230,6 +230,7 @@ class PixelDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         return (self.gain * z + self.bias).view(-1, *self.image_shape)
 
+@register_family
 @dataclass(frozen=True)
 class NLayerVAEConfig(ModelConfig):
     """An N-layer VAE (Child, 2021) with one Gaussian unit per layer and one layer per pixel,

@@ -23,10 +23,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from accelerate import Accelerator
 from fastcore.imports import in_notebook
 from fastcore.script import Param, store_true
-from .vae import ConfigError
+from .configs import ConfigError, check_device, check_mixed_precision
 from .data import (ArrayFile, ImageFiles, ImageSet, StepBatches, binarize, npy_header,
                           prepare_batch, training_loader)
-from .presets import PRESETS, Preset, get_preset
+from .configs import Preset
+from .presets import PRESETS, get_preset
 from .train import make_optimizer, train_step
 from .cli import default_device, parse_arguments, run_command
 
@@ -223,7 +224,8 @@ def write_random_images(path: Path, count: int, shape: tuple, seed: int = 0,
     return ImageSet(ArrayFile(path), layout='NHWC')
 
 def write_jpeg_folder(folder: Path, count: int, size=(178, 218), seed: int = 0) -> list[Path]:
-    "`count` JPEG files of smooth random colours, `size` (width, height) like CelebA's aligned faces."
+    """`count` JPEG files of smooth random colours, `size` (width, height) like CelebA's aligned
+    faces."""
     folder.mkdir(parents=True, exist_ok=True)
     generator = np.random.default_rng(seed)
     for i in range(count):
@@ -245,9 +247,9 @@ def loader_throughput(images, batch_size: int, num_workers: int, batches: int = 
 
 def data_wait_share(preset: Preset, images: ImageSet, batch_size: int, num_workers: int,
                     steps: int = 3, warmup: int = 1, device: str | None = None) -> dict:
-    """The trainer's loop for `steps` steps (after `warmup`) of `preset` at `batch_size`, its batches
-    read by a `training_loader` with `num_workers`: seconds per step, seconds waiting for data, and
-    the share of the step spent waiting."""
+    """The trainer's loop for `steps` steps (after `warmup`) of `preset` at `batch_size`, its
+    batches read by a `training_loader` with `num_workers`: seconds per step, seconds waiting for
+    data, and the share of the step spent waiting."""
     device = torch.device(device or default_device())
     train = replace(preset.train, batch_size=batch_size, grad_accum=1)
     accelerator = Accelerator(cpu=device.type == 'cpu')
@@ -377,8 +379,7 @@ def format_table(results: list[dict]) -> str:
 # %% ../nbs/13_bench.ipynb #0dcfb769
 def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int,
                         budget: float, device, threads, mixed_precision: str = 'no'):
-    if mixed_precision not in ('no', 'fp16', 'bf16'):
-        raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {mixed_precision!r}")
+    check_mixed_precision(mixed_precision)
     for name in names: get_preset(name)
     for option, value in dict(steps=steps, repeats=repeats, budget=budget).items():
         if value <= 0: raise ConfigError(f"--{option} must be positive, got {value}")
@@ -389,12 +390,7 @@ def check_bench_options(names: list[str], batch_size, steps: int, repeats: int, 
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be positive, got {threads}")
-    if device is not None:
-        try: kind = torch.device(device).type
-        except RuntimeError:
-            raise ConfigError(f"--device {device!r} is not a device PyTorch knows") from None
-        if kind == 'cuda' and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    check_device(device)
 
 def open_output(out: str | None):
     if out is None: return None
@@ -425,7 +421,8 @@ def loader_command(names: list[str], batch_size, device, out) -> list[dict]:
             batch = batch_size or preset.train.batch_size
             images = write_random_images(Path(scratch) / f'{name}.npy', max(4 * batch, 256),
                                          preset.model.image_shape)
-            for workers in (0, 2): emit(data_wait_share(preset, images, batch, workers, device=device))
+            for workers in (0, 2):
+                emit(data_wait_share(preset, images, batch, workers, device=device))
     if sink: sink.close()
     print(format_loader_table(results))
     return results

@@ -15,12 +15,10 @@ import torch
 from torch import Tensor
 from fastcore.imports import in_notebook
 from fastcore.script import Param
-from .vae import ConfigError
-from .presets import PRESETS, Preset, get_preset
+from .configs import ConfigError, Preset, apply_overrides, parse_overrides
+from .presets import PRESETS, get_preset
 from .nvae import NVAEConfig, official_nvae_state
-from .configs import apply_overrides
-from .runs import (RunError, WEIGHTS_FILE, check_new_run_dir, create_run_dir,
-                         read_run_config, save_weights, write_run_config)
+from .runs import Run, RunError
 from .cli import parse_arguments, run_command
 
 # %% ../nbs/14_convert.ipynb #c2b14442
@@ -78,15 +76,13 @@ def vdvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
     return {name: official[key].to(ours[name].dtype) for key, name in wanted.items()}
 
 # %% ../nbs/14_convert.ipynb #9f33d4ed
-def write_converted_run(model, preset: Preset, run_dir: Path, checkpoint: Path,
-                        source: str) -> Path:
+def write_converted_run(model, preset: Preset, run: Run, checkpoint: Path, source: str) -> Path:
     "A new run directory for converted weights: the preset, their source, the weights."
-    create_run_dir(run_dir)
     launch = dict(converted_from=str(Path(checkpoint).resolve()), source=source,
                   torch=torch.__version__)
-    write_run_config(run_dir, preset, launch)
-    save_weights(model, run_dir / WEIGHTS_FILE)
-    return run_dir
+    run.create(preset, launch)
+    run.save_weights(model)
+    return run.path
 
 def convert_vdvae(checkpoint: Path, preset: Preset, run_dir: Path) -> Path:
     "A run directory holding openai/vdvae's `checkpoint` as the model of `preset` (a VDVAE preset)."
@@ -96,11 +92,11 @@ def convert_vdvae(checkpoint: Path, preset: Preset, run_dir: Path) -> Path:
     if preset.model.family != 'vdvae':
         raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; a VDVAE "
                           "checkpoint needs a vdvae preset, e.g. vdvae_cifar10")
-    check_new_run_dir(run_dir)
+    run = Run.new(run_dir)
     official = read_checkpoint(checkpoint)
     model = preset.model.build()
     model.load_state_dict(vdvae_state_dict(official, model, checkpoint))
-    return write_converted_run(model, preset, run_dir, checkpoint, 'openai/vdvae')
+    return write_converted_run(model, preset, run, checkpoint, 'openai/vdvae')
 
 CONVERTERS = {'vdvae': convert_vdvae}   # source -> function(checkpoint, preset or None, run_dir)
 
@@ -282,7 +278,7 @@ def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
 def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path:
     """A run directory holding an NVlabs/NVAE checkpoint as the model of `preset`, inferred from the
     checkpoint's args when None."""
-    check_new_run_dir(run_dir)
+    run = Run.new(run_dir)
     official, args = read_nvae_checkpoint(checkpoint)
     if preset is None:
         if args is None:
@@ -299,35 +295,27 @@ def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path
                               f"different models (args vs preset: {'; '.join(differences)})")
     model = preset.model.build()
     model.load_state_dict(nvae_state_dict(official, model, checkpoint))
-    return write_converted_run(model, preset, run_dir, checkpoint, 'NVlabs/NVAE')
+    return write_converted_run(model, preset, run, checkpoint, 'NVlabs/NVAE')
 
 CONVERTERS['nvae'] = convert_nvae
 
 # %% ../nbs/14_convert.ipynb #c9d618a6
-def _override_pairs(override) -> dict[str, str]:
-    pairs = {}
-    for item in override or []:
-        key, sep, value = item.partition('=')
-        if not sep: raise ConfigError(f"override {item!r} is not of the form key=value")
-        pairs[key] = value
-    return pairs
-
 def convert_command(source: Param(f"whose checkpoint it is: {', '.join(CONVERTERS)}", str),
                     checkpoint: Param("the checkpoint, e.g. cifar10-seed0-iter-900000-model-ema.th",
                                       str),
                     preset: str = None,  # the checkpoint's preset: vdvae_cifar10 (NVAE: inferred)
-                    out: str = None,     # the run directory to write (must not hold a run)
+                    out: Param("the run directory to write (it must not hold a run)", str,
+                               required=True) = None,
                     override: Param("preset overrides key=value, e.g. --override model.width=256 "
                                     "(repeatable)", str, nargs="*", action="extend") = None):
     "Convert a released checkpoint into a run directory."
     if source not in CONVERTERS:
         raise ConfigError(f"unknown source {source!r}; known sources: {', '.join(CONVERTERS)}")
-    if out is None: raise ConfigError("--out is required: the run directory to write")
     if preset is None and override:
         raise ConfigError("--override needs --preset: the preset it changes")
-    chosen = apply_overrides(get_preset(preset), _override_pairs(override)) if preset else None
+    chosen = apply_overrides(get_preset(preset), parse_overrides(override)) if preset else None
     run_dir = CONVERTERS[source](Path(checkpoint), chosen, Path(out))
-    name = read_run_config(run_dir)['preset']['name']
+    name = Run.open(run_dir).preset.name
     print(f"{name}: {checkpoint} converted into {run_dir}; evaluate it with: "
           f"python -m hvae_nb.evaluate {run_dir} --k 1")
     return run_dir

@@ -350,9 +350,10 @@ def load_digits_images(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 # %% ../nbs/01_data.ipynb #3099f713
 class ArrayFile:
-    """A `.npy` array on disk, read a few rows at a time: each run of consecutive rows asked for is one
-    positioned read into the result, and nothing of the file stays mapped into the process. Only the
-    header is read when it is opened. It pickles as its path, so a worker process opens it anew."""
+    """A `.npy` array on disk, read a few rows at a time: each run of consecutive rows asked for is
+    one positioned read into the result, and nothing of the file stays mapped into the process. Only
+    the header is read when it is opened. It pickles as its path, so a worker process opens it anew.
+    """
     def __init__(self, path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
@@ -400,9 +401,10 @@ class ArrayFile:
 
 class ImageSet(Dataset):
     """Images at rest as uint8 (in memory, or in a `.npy` file read a batch at a time: `ArrayFile`),
-    made float one batch at a time. `array` is (N, C, H, W) (`layout='NCHW'`) or (N, H, W, C) (`'NHWC'`, as image files and
-    openai/vdvae's arrays lay pixels out); `rows`, when given, are the rows of `array` this set holds,
-    in its order; `scale` is the value of white (255 for 8-bit pixels, 1 for binary ones)."""
+    made float one batch at a time. `array` is (N, C, H, W) (`layout='NCHW'`) or (N, H, W, C)
+    (`'NHWC'`, as image files and openai/vdvae's arrays lay pixels out); `rows`, when given, are the
+    rows of `array` this set holds, in its order; `scale` is the value of white (255 for 8-bit
+    pixels, 1 for binary ones)."""
     def __init__(self, array: np.ndarray | ArrayFile, scale: float = 255, layout: str = "NCHW",
                  rows: np.ndarray | None = None):
         if layout not in ("NCHW", "NHWC"): raise ValueError(f"layout {layout!r}: NCHW or NHWC")
@@ -432,8 +434,9 @@ class ImageSet(Dataset):
         return picked if self.rows is None else self.rows[picked]
 
     def uint8(self, index) -> Tensor:
-        """The images at `index` as stored, uint8 (B, C, H, W) ((C, H, W) for an integer index): only
-        those rows are read, in increasing order (a file is read forward), then put in order."""
+        """The images at `index` as stored, uint8 (B, C, H, W) ((C, H, W) for an integer index):
+        only those rows are read, in increasing order (a file is read forward), then put in order.
+        """
         if isinstance(index, (int, np.integer)): return self.uint8([int(index)])[0]
         if isinstance(index, Tensor): index = index.cpu().numpy()
         positions = self._positions(index)
@@ -450,7 +453,8 @@ class ImageSet(Dataset):
         return to_unit_interval(self.uint8(index), self.scale)
 
     def __getitems__(self, indices: list[int]) -> Tensor:
-        "What a DataLoader asks for a batch: the uint8 images (B, C, H, W), made float on the device."
+        """What a DataLoader asks for a batch: the uint8 images (B, C, H, W), made float on the
+        device."""
         return self.uint8(indices)
 
     def subset(self, rows) -> "ImageSet":
@@ -585,10 +589,10 @@ def find_images(source: Path) -> list[Path]:
 def decode_image(path: Path, size: int, grey: bool = False,
                  crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """One image file as uint8 (size, size, C): decoded and converted by Pillow (to RGB, or to grey
-    with `grey`; palette, alpha and 16-bit modes included), cut to `crop` (left, upper, right, lower)
-    if given, then resized and centre-cropped to a square as torchvision's `Resize(size)` and
-    `CenterCrop(size)` do it on a PIL image (the shorter side to `size`, bilinear). A DataError names
-    a file Pillow cannot read."""
+    with `grey`; palette, alpha and 16-bit modes included), cut to `crop` (left, upper, right,
+    lower) if given, then resized and centre-cropped to a square as torchvision's `Resize(size)` and
+    `CenterCrop(size)` do it on a PIL image (the shorter side to `size`, bilinear). A DataError
+    names a file Pillow cannot read."""
     try:
         with Image.open(path) as image:
             image = image.convert("L" if grey else "RGB")
@@ -639,7 +643,8 @@ def _named(files: list[Path], source: Path, names: list[str], listing: Path) -> 
                         f"e.g. {unknown[0]}")
     return {n: position[n] for n in names}
 
-def listed_split(files: list[Path], source: Path, test_list: str, **unused) -> dict[str, np.ndarray]:
+def listed_split(files: list[Path], source: Path, test_list: str,
+                 **unused) -> dict[str, np.ndarray]:
     "The test split is the images a file lists, one per line (paths relative to SOURCE, or names)."
     listing = Path(test_list)
     if not listing.is_file(): raise DataError(f"--test-list {listing} does not exist")
@@ -712,13 +717,16 @@ PACK_RECIPES = {
                               settings=dict(test_fraction=0.1)),
     "ffhq256": PackRecipe(256, permutation_tail_split, "FFHQ's images1024x1024/ (70,000 PNGs), "
                           "resized as NVAE and openai/vdvae did; test: the last 7,000 of "
-                          "openai/vdvae's permutation (seed 5)", settings=dict(seed=5, held_out=7000)),
+                          "openai/vdvae's permutation (seed 5)",
+                          settings=dict(seed=5, held_out=7000)),
     "ffhq1024": PackRecipe(1024, first_images_split, "FFHQ's images1024x1024/ (70,000 PNGs); "
                            "test: images 65000-69999, as openai/vdvae's setup_ffhq1024.sh",
                            settings=dict(train_count=65_000)),
-    "imagenet32": PackRecipe(32, release_folders_split, "van den Oord et al.'s down-sampled ImageNet: "
+    "imagenet32": PackRecipe(32, release_folders_split, "van den Oord et al.'s down-sampled "
+                             "ImageNet: "
                              "train_32x32.tar and valid_32x32.tar, extracted into one folder"),
-    "imagenet64": PackRecipe(64, release_folders_split, "van den Oord et al.'s down-sampled ImageNet: "
+    "imagenet64": PackRecipe(64, release_folders_split, "van den Oord et al.'s down-sampled "
+                             "ImageNet: "
                              "train_64x64.tar and valid_64x64.tar, extracted into one folder"),
 }
 
@@ -726,8 +734,8 @@ def recipe_data(name: str, data_dir=None, download=False, test_seed: int = 0) ->
     "A dataset a paper's recipe packs (`PACK_RECIPES`), or a DataError saying how to pack it."
     folder = resolve_data_dir(data_dir) / name
     if not (folder / PACKED_INFO).is_file():
-        raise DataError(f"{folder} holds no packed {name}: obtain {PACK_RECIPES[name].obtain}, then "
-                        f"run python -m hvae_nb.data pack SOURCE --dataset {name}")
+        raise DataError(f"{folder} holds no packed {name}: obtain {PACK_RECIPES[name].obtain}, "
+                        f"then run python -m hvae_nb.data pack SOURCE --dataset {name}")
     return packed_data(name, data_dir)
 
 DATASETS.update({name: partial(recipe_data, name) for name in ("celeba64", "celebahq256")})
@@ -761,8 +769,8 @@ def file_record(path: Path) -> dict:
                 fingerprint=file_fingerprint(path))
 
 def verify_file(path: Path, record: dict, full: bool | None = None):
-    """Check `path` against its `record` in dataset.json: size, then the whole-file SHA-256 (files up
-    to `FULL_CHECK_BYTES`, or `full=True`) or the fingerprint; a DataError when it changed."""
+    """Check `path` against its `record` in dataset.json: size, then the whole-file SHA-256 (files
+    up to `FULL_CHECK_BYTES`, or `full=True`) or the fingerprint; a DataError when it changed."""
     if not path.is_file(): raise DataError(f"{path} is missing (listed in {PACKED_INFO})")
     size = path.stat().st_size
     full = size <= FULL_CHECK_BYTES if full is None else full
@@ -787,8 +795,8 @@ def read_packed_info(folder: Path) -> dict:
     return info
 
 def read_image_array(path: Path, channels=(1, 3)) -> ArrayFile:
-    """A `.npy` of uint8 images (N, H, W, C) on disk: only the header is read here, pixels when a batch
-    asks for them."""
+    """A `.npy` of uint8 images (N, H, W, C) on disk: only the header is read here, pixels when a
+    batch asks for them."""
     try: array = ArrayFile(path)
     except (OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable .npy array ({error})") from None
@@ -831,8 +839,8 @@ def npy_header(shape: tuple, dtype=np.uint8) -> bytes:
 def _write_split(path: Path, files: list[Path], size: int, channels: int, decode, pool, bar,
                  chunk: int = 256) -> list[Path]:
     """Decode `files` in order and write them to a new .npy of uint8 (N, size, size, channels), row
-    after row (plain writes: the pages go to the page cache, not into this process); return the files
-    skipped, whose rows are left out."""
+    after row (plain writes: the pages go to the page cache, not into this process); return the
+    files skipped, whose rows are left out."""
     header = npy_header((len(files), size, size, channels))
     skipped, rows = [], 0
     with open(path, "wb") as out:
@@ -873,7 +881,8 @@ def pack_images(source, name: str | None = None, size: int | None = None,
     """Pack a folder of images into DIR/`name`/: one uint8 array (N, size, size, C) per split and
     `dataset.json` (source, size, counts, split, checksums). `dataset` names a paper's recipe
     (`PACK_RECIPES`), which fixes the size, crop and split. Everything is written in a hidden folder
-    that is renamed into place at the end: an interrupted pack leaves nothing that looks finished."""
+    that is renamed into place at the end: an interrupted pack leaves nothing that looks finished.
+    """
     began, source = time.time(), Path(source)
     if dataset is not None and dataset not in PACK_RECIPES:
         raise DataError(f"--dataset {dataset!r} is not a recipe; known: {', '.join(PACK_RECIPES)}")
@@ -1039,8 +1048,9 @@ def micro_batch_slices(batch_size: int, num_processes: int, process_index: int,
 
 class StepBatches(Sampler):
     """The micro-batches one process reads, step after step from `start` to `stop`: the indices of
-    its `grad_accum` slices of each step's global batch. A batch is a function of (seed, step) alone,
-    so a resumed run, any number of loader workers and any number of processes see the same images."""
+    its `grad_accum` slices of each step's global batch. A batch is a function of (seed, step)
+    alone, so a resumed run, any number of loader workers and any number of processes see the same
+    images."""
     def __init__(self, num_examples: int, batch_size: int, seed: int, start: int, stop: int,
                  num_processes: int = 1, process_index: int = 0, grad_accum: int = 1):
         self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
@@ -1098,7 +1108,7 @@ def pack_command(source: Param("a folder of images (PNG, JPEG, WebP), searched r
                  test_list: str = None,        # a file naming the test images, one per line
                  partition: str = None,        # CelebA's list_eval_partition.txt (celeba64)
                  seed: int = 0,                # seeds the random test split
-                 skip_bad: store_true = False, # leave unreadable images out (listed) instead of stopping
+                 skip_bad: store_true = False, # leave unreadable images out (listed), not stop
                  workers: int = None,          # decoding threads (default: one per core)
                  no_progress: store_true = False):
     "Pack a folder of images into memory-mapped uint8 arrays under DIR/NAME/."

@@ -12,8 +12,9 @@ import torch
 from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood,
                                    sum_except_batch)
-from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, check_sizes,
-                         check_positive_ints, check_choice, invalid)
+from .configs import (ModelConfig, check_choice, check_positive_ints, check_sizes, invalid,
+                             register_family)
+from .vae import HierarchicalVAE, Group, Walk
 from .residual_normal import residual_posterior
 
 # %% ../nbs/03_lvae.ipynb #25dde146
@@ -28,6 +29,7 @@ def precision_weighted(estimate: DiagonalGaussian, prior: DiagonalGaussian) -> D
     return DiagonalGaussian(mean, log_scale)
 
 # %% ../nbs/03_lvae.ipynb #8f62cad1
+@register_family
 @dataclass(frozen=True)
 class LVAEConfig(ModelConfig):
     """A Ladder VAE (Sønderby et al., 2016). `latent_dims` and `hidden_dims` run from the bottom

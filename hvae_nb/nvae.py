@@ -20,8 +20,9 @@ from .cells import WeightNormConv2d, make_cell, official_cell_parameters
 from .spectral import (SpectralRegularizer, annealed_weight, batchnorm_penalty,
                               regularised_layers, spectral_penalty)
 from .iaf import FlowPair, flow_posterior_sample
-from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, check_choice, check_number,
-                         check_positive_ints, invalid)
+from .configs import (ModelConfig, check_choice, check_number, check_positive_ints, invalid,
+                             register_family)
+from .vae import HierarchicalVAE, Group, Walk
 
 # %% ../nbs/08_nvae.ipynb #3bcec6fa
 def groups_per_scale(scales: int, groups: int, adaptive: bool = True,
@@ -89,6 +90,7 @@ class NVAELogisticMixture(DiscretizedLogisticMixture):
         return params[:, :m], means, log_scales.clamp_min(-7.0), torch.tanh(coefficients)
 
 # %% ../nbs/08_nvae.ipynb #7bbff1e3
+@register_family
 @dataclass(frozen=True)
 class NVAEConfig(ModelConfig):
     "NVAE (Vahdat & Kautz, 2020): the architecture, in the official flags' terms, and its losses."

@@ -4,36 +4,34 @@
 
 # %% auto #0
 __all__ = ['SCHEDULE_FIELDS', 'DEFAULT_PRESET', 'seed_micro_batch', 'make_optimizer', 'make_scheduler', 'rebuild_scheduler',
-           'make_ema', 'SkipMonitor', 'should_skip', 'save_checkpoint', 'load_checkpoint', 'StopRequest',
-           'check_same_model', 'check_batch_split', 'warn_short_warmup', 'save_sample_grid', 'batch_preparer',
-           'step_micro_batches', 'train_step', 'TrainResult', 'RunPlan', 'prepare_run', 'make_accelerator',
-           'agree_on_run_dir', 'launch_info', 'build_model', 'train', 'out_of_time', 'stop_requested', 'train_command',
-           'help_text', 'parse_command_line', 'main']
+           'make_ema', 'SkipMonitor', 'should_skip', 'StopRequest', 'check_batch_split', 'warn_short_warmup',
+           'save_sample_grid', 'monitoring_split', 'shared_nll', 'batch_preparer', 'step_micro_batches', 'train_step',
+           'TrainResult', 'training_run', 'make_accelerator', 'agree_on_run', 'launch_info', 'build_model', 'train',
+           'out_of_time', 'stop_requested', 'train_command', 'help_text', 'parse_command_line', 'main']
 
 # %% ../nbs/11_train.ipynb #a0c6855f
-import contextlib, json, math, os, shutil, signal, sys, time, warnings
+import contextlib, json, math, os, signal, sys, time, warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from accelerate import Accelerator, PartialState
-from safetensors.torch import load_file, save_file
 from fastcore.imports import in_notebook
 from fastcore.script import Param, store_true
 from tqdm import tqdm
 import matplotlib.pyplot as plt
-from .data import (DataError, ImageData, ImageSet, StepBatches, image_grid, prepare_batch,
-                          random_subset, resolve_data_dir, training_loader)
-from .vae import ConfigError, dataset_nll, kl_warmup
-from .presets import (OPTIMIZERS, PRESETS, Preset, TrainConfig, get_preset,
-                             load_preset_data)
-from .configs import apply_overrides, field_names, preset_from_dict, preset_to_dict
-from .runs import (RunError, MetricsLog, checkpoint_path, check_new_run_dir,
-                          check_run_dir_path, create_run_dir, default_run_dir, find_checkpoint,
-                          finished_test, list_checkpoints, load_run_preset, read_metrics,
-                          read_run_config, read_train_state, run_dir_of, save_weights,
-                          write_run_config, WEIGHTS_FILE)
+from .data import (DataError, ImageData, ImageSet, StepBatches, fixed_binarization,
+                          image_grid, prepare_batch, random_subset, resolve_data_dir,
+                          training_loader)
+from .configs import (OPTIMIZERS, ConfigError, Preset, TrainConfig, apply_overrides,
+                             check_mixed_precision, field_names, load_preset_data,
+                             parse_overrides, preset_to_dict)
+from .vae import dataset_nll, evaluating, evaluation_blocks, kl_warmup
+from .presets import PRESETS, get_preset
+from .runs import SCHEDULE_FIELDS, Resume, Run, RunError
+from .evaluate import gather_scores, my_blocks
 from .cli import parse_arguments, run_command
 
 # %% ../nbs/11_train.ipynb #a27bf630
@@ -101,38 +99,6 @@ def should_skip(loss: torch.Tensor, grad_norm: torch.Tensor, threshold: float) -
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)): return True
     return threshold > 0 and grad_norm.item() > threshold
 
-# %% ../nbs/11_train.ipynb #cce38003
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, train_state: dict, ema,
-                    keep: int) -> Path:
-    "Write a checkpoint under a temporary name, rename it into place, keep the last `keep`."
-    final = checkpoint_path(run_dir, step)
-    temporary = final.with_name('.tmp_' + final.name)
-    if accelerator.is_main_process and temporary.exists(): shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary), safe_serialization=True)
-    if accelerator.is_main_process:
-        if ema is not None: save_file(ema.state_dict(), temporary / 'ema.safetensors')
-        (temporary / 'train_state.json').write_text(json.dumps(train_state))
-        if final.exists(): shutil.rmtree(final)
-        os.replace(temporary, final)
-        for old in list_checkpoints(run_dir)[:-keep]: shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, scheduler, ema,
-                    restore_scheduler: bool = True) -> dict:
-    """Restore model, optimiser, random states, scheduler and EMA in place; return the saved train
-    state."""
-    state = read_train_state(checkpoint)
-    try:
-        accelerator.load_state(str(checkpoint))
-        if restore_scheduler: scheduler.load_state_dict(state['scheduler'])
-        if ema is not None: ema.load_state_dict(load_file(checkpoint / 'ema.safetensors'))
-    except Exception as e:
-        raise RunError(f"checkpoint {checkpoint} is corrupt or does not fit this model: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    return state
-
 # %% ../nbs/11_train.ipynb #7137836d
 class StopRequest:
     "Turns SIGTERM/SIGINT into a flag the training loop polls, within a `with` block."
@@ -146,22 +112,6 @@ class StopRequest:
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
 # %% ../nbs/11_train.ipynb #dd75db39
-def check_same_model(preset: Preset, saved: Preset, checkpoint: Path):
-    "Refuse to resume a checkpoint written for another dataset or model configuration."
-    if saved.dataset != preset.dataset or type(saved.model) is not type(preset.model):
-        raise RunError(f"checkpoint {checkpoint} was written by preset {saved.name!r} "
-                       f"({type(saved.model).__name__} on {saved.dataset}); it cannot resume "
-                       f"preset {preset.name!r} ({type(preset.model).__name__} on "
-                       f"{preset.dataset})")
-    differences = [f"{n}: {getattr(saved.model, n)!r} in the checkpoint, "
-                   f"{getattr(preset.model, n)!r} asked"
-                   for n in field_names(preset.model)
-                   if getattr(saved.model, n) != getattr(preset.model, n)]
-    if differences:
-        raise RunError(f"checkpoint {checkpoint} (preset {saved.name!r}) has another model "
-                       f"configuration; it cannot resume preset {preset.name!r}: "
-                       + '; '.join(differences))
-
 def check_batch_split(train: TrainConfig, num_processes: int):
     "The global batch must split evenly over processes and accumulation micro-steps."
     if train.batch_size % (num_processes * train.grad_accum):
@@ -179,10 +129,11 @@ def warn_short_warmup(train: TrainConfig):
 # %% ../nbs/11_train.ipynb #5983a794
 def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0,
                      pixels_per_image: int = 48):
-    """Sample `n` images and save them as one PNG grid, each image enlarged to about
-    `pixels_per_image` pixels."""
+    """Sample `n` images in eval mode (batch norm reads its running statistics and does not update
+    them: drawing a picture must not change the weights) and save them as one PNG grid, each image
+    enlarged to about `pixels_per_image` pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    samples = model.sample(n, temperature).float().cpu()
+    with evaluating(model): samples = model.sample(n, temperature).float().cpu()
     scale = max(1, round(pixels_per_image / samples.shape[-1]))
     enlarged = samples.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     grid = image_grid(enlarged, nrow=int(math.sqrt(n)))
@@ -190,9 +141,29 @@ def save_sample_grid(model, path: Path, n: int = 64, temperature: float = 1.0,
     image = grid[0].numpy() if grid.shape[0] == 1 else grid.permute(1, 2, 0).numpy()
     plt.imsave(path, image, cmap='gray' if grid.shape[0] == 1 else None, vmin=0, vmax=1)
 
+def monitoring_split(data: ImageData, count: int, seed: int = 1234) -> tuple[ImageSet, ImageSet]:
+    """The images evaluations during training score, and the images trained on: a seeded random
+    `count` of the validation split, or, for data without one, `count` training images held out
+    (binarised once when the data is binarised dynamically). The test split is scored once, at the
+    end."""
+    if data.valid is not None: return random_subset(data.valid, count, seed), data.train
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).numpy()
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    monitor = data.train.subset(held)
+    if data.dynamic_binarization: monitor = fixed_binarization(monitor, seed)
+    return monitor, data.train.subset(kept)
+
+def shared_nll(model, images, num_samples: int, progress: bool = False) -> dict:
+    """`dataset_nll` of `images` with the blocks shared out among a launch's processes and their
+    scores gathered: every process gets the number one process would."""
+    blocks = list(range(len(evaluation_blocks(len(images), 100))))
+    return dataset_nll(model, images, num_samples, progress=progress, blocks=my_blocks(blocks),
+                       gather=gather_scores)
+
 # %% ../nbs/11_train.ipynb #ed812fcf
 def batch_preparer(data: ImageData, train: TrainConfig):
-    "What turns a loader's uint8 micro-batch into what the model reads, for this dataset and recipe."
+    """What turns a loader's uint8 micro-batch into what the model reads, for this dataset and
+    recipe."""
     return partial(prepare_batch, scale=data.train.scale,
                    dynamic_binarization=data.dynamic_binarization,
                    flip_probability=train.horizontal_flip)
@@ -208,7 +179,8 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], prepare, ste
                beta: float, train: TrainConfig, accelerator: Accelerator) -> dict:
     """One optimiser step on this process's `micro_batches` of `step` (as the loader read them;
     `prepare` makes each what the model reads); returns this step's metrics (identical on every
-    process)."""
+    process). The gradient is that of the model's `objective` (the loss in nats per image, times the
+    family's `objective_scale`)."""
     # loss, reconstruction, penalty (sums over micro-batches)
     totals = torch.zeros(3, device=accelerator.device)
     kl_total = None
@@ -219,7 +191,7 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], prepare, ste
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             out = model(x, beta=beta, free_bits=train.free_bits)
-            accelerator.backward(out.loss / train.grad_accum)
+            accelerator.backward(out.objective / train.grad_accum)
         terms = [out.loss.detach(), out.reconstruction.detach().mean(), out.penalty.detach()]
         totals += torch.stack(terms).float()
         kl = out.kl.detach().mean(0).float()
@@ -230,6 +202,9 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], prepare, ste
     grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32)
     skipped = should_skip(means[0], grad_norm, train.skip_threshold)
     if not skipped: optimizer.step()
+    # fp16: the gradient scaler expects one update() per unscale_() (clip_grad_norm_ unscaled);
+    # optimizer.step() makes it, so a skipped step must, or the next step's unscale_() raises
+    elif accelerator.scaler is not None: accelerator.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=means[0].item(), reconstruction=means[1].item(), penalty=means[2].item(),
                 kl=means[3:].tolist(), neg_elbo=(means[1] + means[3:].sum()).item(),
@@ -239,140 +214,118 @@ def train_step(model, optimizer, micro_batches: list[torch.Tensor], prepare, ste
 @dataclass
 class TrainResult:
     model: torch.nn.Module  # the final weights used for evaluation (EMA when on), in eval mode
-    run_dir: Path
+    run: Run
     metrics: list = field(default_factory=list)
     test: dict = field(default_factory=dict)
     interrupted: bool = False
+    @property
+    def run_dir(self) -> Path: return self.run.path
 
-@dataclass
-class RunPlan:
-    "What `prepare_run` decided, before anything is written."
-    run_dir: Path
-    checkpoint: Path | None = None  # the checkpoint to resume from
-    step: int = 0                   # the step it holds
-    new_schedule: bool = False      # the recipe's schedule changed (an extended run): rebuild it
-    history: list = field(default_factory=list)
-
-def prepare_run(preset: Preset, out, resume) -> RunPlan:
-    "Validate the run directory and the checkpoint to resume; write nothing."
-    if not resume:
-        run_dir = Path(out) if out else default_run_dir(preset)
-        check_new_run_dir(run_dir)
-        return RunPlan(run_dir)
-    checkpoint = find_checkpoint(resume)
-    state = read_train_state(checkpoint)
-    saved = preset_from_dict(state['preset'])
-    check_same_model(preset, saved, checkpoint)
-    run_dir = Path(out) if out else run_dir_of(checkpoint)
-    check_run_dir_path(run_dir)
-    step, t = state['step'], preset.train
-    test = finished_test(read_metrics(run_dir))
-    if step > t.max_steps:
-        raise RunError(f"checkpoint {checkpoint} is at step {step}, beyond --max-steps "
-                       f"{t.max_steps}: a run cannot be shortened")
-    if step == t.max_steps and test is not None:
-        raise RunError(f"run {run_dir} already finished at step {step} (test NLL "
-                       f"{test['test']['nll_nats']:.2f} nats): nothing to do; to train it further, "
-                       f"resume with --max-steps larger than {step}")
-    written = (run_dir / 'config.json').exists()
-    history = read_run_config(run_dir).get('history', []) if written else []
-    changed = {n: (getattr(saved.train, n), getattr(t, n)) for n in SCHEDULE_FIELDS
-               if getattr(saved.train, n) != getattr(t, n)}
-    if changed:
-        before_after = {n: dict(before=a, after=b) for n, (a, b) in changed.items()}
-        history = history + [dict(step=step, changed=before_after,
-                                  note='learning-rate schedule rebuilt for the new recipe')]
-    return RunPlan(run_dir, checkpoint, step, bool(changed), history)
+def training_run(preset: Preset, out, resume) -> tuple[Run, Resume | None]:
+    """The run to train in (new, or the one to continue) and how to resume it: everything checked,
+    nothing written."""
+    if not resume: return Run.new(out, preset), None
+    source, checkpoint = Run.located(resume)
+    run = Run(out) if out else source
+    return run, run.resume(preset, checkpoint, source.preset)
 
 def make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerator:
     "The Accelerator, with its own complaints about the options turned into a one-line ConfigError."
-    if mixed_precision not in ('no', 'fp16', 'bf16'):
-        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
+    check_mixed_precision(mixed_precision)
     try: return Accelerator(mixed_precision=mixed_precision, log_with=log_with,
                             project_dir=str(run_dir))
     except (ValueError, ImportError, RuntimeError) as e:
         raise ConfigError(f"accelerate refused the options: {e}") from None
 
-def agree_on_run_dir(accelerator: Accelerator, run_dir: Path) -> Path:
+def agree_on_run(accelerator: Accelerator, run: Run) -> Run:
     """Every process uses the main process's run directory (a default one is named after the time,
     which can differ)."""
-    if accelerator.num_processes == 1: return run_dir
+    if accelerator.num_processes == 1: return run
     from accelerate.utils import broadcast_object_list
-    return Path(broadcast_object_list([str(run_dir)], from_process=0)[0])
+    return Run(broadcast_object_list([str(run.path)], from_process=0)[0])
 
 def launch_info(accelerator: Accelerator, data_dir) -> dict:
     return dict(num_processes=accelerator.num_processes,
                 mixed_precision=accelerator.mixed_precision, device=str(accelerator.device),
                 data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
 
-def build_model(preset: Preset) -> torch.nn.Module:
-    """The preset's model; a configuration its family accepts but cannot build is a one-line
-    ConfigError."""
-    try: return preset.model.build()
+def build_model(preset: Preset, num_processes: int = 1) -> torch.nn.Module:
+    """The preset's model (its batch norms synchronised across processes when the recipe asks);
+    a configuration its family accepts but cannot build is a one-line ConfigError."""
+    try: model = preset.model.build()
     except (ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"preset {preset.name!r}: the model cannot be built from its "
                           f"configuration: {e}") from None
+    if preset.train.sync_batch_norm and num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 # %% ../nbs/11_train.ipynb #d73b012a
 def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision: str = 'no',
           log_with=None, progress: bool = True, download: bool = False) -> TrainResult:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
     t = preset.train
-    plan = prepare_run(preset, out, resume)
-    accelerator = make_accelerator(mixed_precision, log_with, plan.run_dir)
-    run_dir = agree_on_run_dir(accelerator, plan.run_dir)
+    run, resumed = training_run(preset, out, resume)
+    accelerator = make_accelerator(mixed_precision, log_with, run.path)
+    run = agree_on_run(accelerator, run)
     check_batch_split(t, accelerator.num_processes)
     data = load_preset_data(preset, data_dir, download)
+    monitor, train_images = monitoring_split(data, t.eval_examples)
     torch.manual_seed(t.seed)
-    model = build_model(preset)
+    model = build_model(preset, accelerator.num_processes)
     optimizer = make_optimizer(model, t)
     scheduler = make_scheduler(optimizer, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = make_ema(unwrapped, t.ema_decay)
-    skips, start = SkipMonitor(), 0
-    if plan.checkpoint is not None:
-        state = load_checkpoint(accelerator, plan.checkpoint, scheduler, ema,
-                                restore_scheduler=not plan.new_schedule)
+    skips, start, trained_before = SkipMonitor(), 0, 0.0
+    if resumed is not None:
+        state = run.load_checkpoint(accelerator, resumed.checkpoint, scheduler, ema,
+                                    restore_scheduler=not resumed.new_schedule)
         start, skips.total = state['step'], state['skipped_total']
-        if plan.new_schedule: scheduler = rebuild_scheduler(optimizer, t, start)
+        trained_before = state.get('seconds', 0.0)
+        if resumed.new_schedule: scheduler = rebuild_scheduler(optimizer, t, start)
     # everything is checked: from here on we write
     main = accelerator.is_main_process
     if main:
         warn_short_warmup(t)
-        create_run_dir(run_dir)
-        if plan.checkpoint is None or plan.new_schedule:
-            write_run_config(run_dir, preset, launch_info(accelerator, data_dir), plan.history)
-        if plan.new_schedule: print(f"hvae_nb: {plan.history[-1]['note']} at step {start}: "
-                                    f"{plan.history[-1]['changed']}", file=sys.stderr)
-    log = MetricsLog(run_dir, main)
+        if resumed is None or resumed.new_schedule or not (run.path / Run.CONFIG).exists():
+            run.create(preset, launch_info(accelerator, data_dir),
+                       resumed.history if resumed else None)
+        if resumed is not None and resumed.new_schedule:
+            print(f"hvae_nb: {resumed.history[-1]['note']} at step {start}: "
+                  f"{resumed.history[-1]['changed']}", file=sys.stderr)
+    log = run.metrics_log(enabled=main)
     log.truncate_after(start)
     if log_with: accelerator.init_trackers(preset.name, config=preset_to_dict(preset)['train'])
-    eval_images = random_subset(data.test, t.eval_examples, seed=1234)
     evaluation_model = lambda: ema.module if ema is not None else unwrapped
-    train_state = lambda step: dict(step=step, skipped_total=skips.total,
-                                    scheduler=scheduler.state_dict(), preset=preset_to_dict(preset))
+    run_began = time.time()
+    trained = lambda: trained_before + time.time() - run_began    # seconds, over every resume
+    train_state = lambda step: dict(step=step, skipped_total=skips.total, seconds=trained(),
+                                    scheduler=scheduler.state_dict())
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, desc='training')
-    batches = StepBatches(len(data.train), t.batch_size, t.seed, start, t.max_steps,
+    batches = StepBatches(len(train_images), t.batch_size, t.seed, start, t.max_steps,
                           accelerator.num_processes, accelerator.process_index, t.grad_accum)
-    loader = iter(training_loader(data.train, batches, t.num_workers,
+    loader = iter(training_loader(train_images, batches, t.num_workers,
                                   pin_memory=accelerator.device.type == 'cuda'))
     prepare = batch_preparer(data, t)
     model.train()
-    interrupted, run_began, done = False, time.time(), start
+    interrupted, done = False, start
     with StopRequest() as stop:
         for step in range(start, t.max_steps):
             began = time.perf_counter()
             micro_batches = [next(loader) for _ in range(t.grad_accum)]
             waited = time.perf_counter() - began
             beta = kl_warmup(step, t.kl_warmup_steps, t.kl_warmup_floor, t.kl_warmup_hold_steps)
-            record = train_step(model, optimizer, micro_batches, prepare, step, beta, t, accelerator)
+            lr = scheduler.get_last_lr()[0]                  # the rate this step is taken at
+            record = train_step(model, optimizer, micro_batches, prepare, step, beta, t,
+                                accelerator)
             scheduler.step()
             skips.record(record['skipped_update'], step + 1)
             if ema is not None and not record['skipped_update']: ema.update_parameters(unwrapped)
             done = step + 1
-            record.update(step=done, beta=beta, lr=scheduler.get_last_lr()[0], skipped=skips.total,
+            record.update(step=done, beta=beta, lr=lr, skipped=skips.total,
                           images_per_s=t.batch_size / (time.perf_counter() - began),
                           data_wait_s=waited)
             bar.set_postfix(loss=f"{record['loss']:.2f}", img_s=f"{record['images_per_s']:.0f}",
@@ -382,41 +335,40 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
                 log.write(record)
                 if log_with:
                     accelerator.log({k: v for k, v in record.items() if k != 'kl'}, step=done)
-            if done % t.eval_every == 0 and main:
-                nll = dataset_nll(evaluation_model(), eval_images, t.eval_samples)
+            if done % t.eval_every == 0:       # every process scores its share of the blocks
+                nll = shared_nll(evaluation_model(), monitor, t.eval_samples)
                 log.write(dict(step=done, eval=nll))
-                save_sample_grid(evaluation_model(), run_dir / 'samples' / f'step_{done:08d}.png')
-            if done % t.eval_every == 0: accelerator.wait_for_everyone()
+                if main: save_sample_grid(evaluation_model(), run.sample_grid_path(done))
+                accelerator.wait_for_everyone()
             # the one checkpoint policy: on schedule, at the end, and whenever the run stops early
-            timed_out = out_of_time(run_began, t.max_minutes, accelerator)
+            timed_out = out_of_time(trained(), t.max_minutes, accelerator)
             interrupted = not timed_out and stop_requested(stop, accelerator)
             if done % t.save_every == 0 or done == t.max_steps or timed_out or interrupted:
-                save_checkpoint(accelerator, run_dir, done, train_state(done), ema,
-                                t.keep_checkpoints)
+                run.save_checkpoint(accelerator, done, train_state(done), ema, t.keep_checkpoints)
             if timed_out or interrupted:
-                message = (f"hvae_nb: time budget of {t.max_minutes} minutes used at step {done}"
-                           if timed_out else
+                message = (f"hvae_nb: time budget of {t.max_minutes} minutes used at step {done} "
+                           "(counted over every resume of the run)" if timed_out else
                            f"hvae_nb: stopped by signal at step {done}; checkpoint saved, "
-                           f"resume with --resume {run_dir}")
+                           f"resume with --resume {run.path}")
                 if main: print(message, file=sys.stderr)
                 break
     bar.close()
     final = evaluation_model().eval()
+    if main: run.save_weights(final)
     test = {}
-    if main:
-        save_weights(final, run_dir / WEIGHTS_FILE)
-        if not interrupted:
-            test = dataset_nll(final, data.test, t.final_eval_samples, progress=progress)
-            log.write(dict(step=done, test=test))
-            save_sample_grid(final, run_dir / 'samples' / 'final.png')
+    if not interrupted:                         # every process scores its share of the test split
+        test = shared_nll(final, data.test, t.final_eval_samples, progress=progress and main)
+        log.write(dict(step=done, test=test))
+        if main: save_sample_grid(final, run.sample_grid_path())
     accelerator.wait_for_everyone()
     if log_with: accelerator.end_training()
-    return TrainResult(final, run_dir, read_metrics(run_dir) if main else [], test, interrupted)
+    return TrainResult(final, run, run.metrics() if main else [], test, interrupted)
 
-def out_of_time(began: float, max_minutes: float, accelerator: Accelerator) -> bool:
-    "True on every process once the main process has trained for `max_minutes` (0 = no budget)."
+def out_of_time(trained_seconds: float, max_minutes: float, accelerator: Accelerator) -> bool:
+    """True on every process once the main process has trained for `max_minutes` in all, resumes
+    included (0 = no budget)."""
     if max_minutes <= 0: return False
-    flag = torch.tensor([float(time.time() - began > 60 * max_minutes)], device=accelerator.device)
+    flag = torch.tensor([float(trained_seconds > 60 * max_minutes)], device=accelerator.device)
     if accelerator.num_processes == 1: return bool(flag.item())
     return accelerator.reduce(flag, 'max').item() > 0
 
@@ -432,11 +384,8 @@ DEFAULT_PRESET = 'lvae_digits'
 def _cli_overrides(preset: Preset, override, dataset=None, **options) -> Preset:
     """Fold the named options (max_steps, lr, ...), `--dataset` and the `--override key=value` list
     into the preset."""
-    pairs = {} if dataset is None else {'dataset': dataset}
-    for item in override or []:
-        key, sep, value = item.partition('=')
-        if not sep: raise ConfigError(f"override {item!r} is not of the form key=value")
-        pairs[key] = value
+    pairs = parse_overrides(override)
+    if dataset is not None: pairs['dataset'] = dataset
     pairs.update({f'train.{k}': str(v) for k, v in options.items() if v is not None})
     return apply_overrides(preset, pairs)
 
@@ -473,9 +422,10 @@ def train_command(preset: str = None,       # preset name (default: lvae_digits)
          download: store_true = False,
          no_progress: store_true = False):  # hide the progress bars
     "Resolve the preset, train, print the test NLL."
-    if preset is None and resume: base = load_run_preset(run_dir_of(find_checkpoint(resume)))
+    if preset is None and resume: base = Run.located(resume)[0].preset
     else: base = get_preset(preset or DEFAULT_PRESET)
-    chosen = _cli_overrides(base, override, dataset, max_steps=max_steps, batch_size=batch_size, lr=lr,
+    chosen = _cli_overrides(base, override, dataset, max_steps=max_steps, batch_size=batch_size,
+                            lr=lr,
                             seed=seed, eval_every=eval_every, save_every=save_every,
                             grad_accum=grad_accum)
     if epochs is not None:

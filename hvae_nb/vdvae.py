@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, DiscretizedLogisticMixture, make_likelihood,
                                    sum_except_batch)
-from .vae import (HierarchicalVAE, ModelConfig, Group, Walk, VAEOutput, elbo_loss,
-                         check_number, check_positive_ints, invalid)
+from .configs import (ModelConfig, check_number, check_positive_ints, invalid,
+                             register_family)
+from .vae import HierarchicalVAE, Group, Walk, VAEOutput, elbo_loss
 
 # %% ../nbs/09_vdvae.ipynb #98fcb41b
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ def parse_widths(text: str) -> dict[int, int]:
     return widths
 
 # %% ../nbs/09_vdvae.ipynb #8c760e42
+@register_family
 @dataclass(frozen=True)
 class VDVAEConfig(ModelConfig):
     """A Very Deep VAE (Child, 2021). The layer strings list the blocks in the order they run:
@@ -308,7 +310,8 @@ class VDVAE(HierarchicalVAE):
                            else make_likelihood(config.likelihood))
         self.encoder = Encoder(config)
         self.decoder = Decoder(config, self.likelihood.num_params(config.image_shape[0]))
-        self.dims = math.prod(config.image_shape)
+        # the official loss is in nats per dimension: its clipping and skipping thresholds too
+        self.objective_scale = 1 / math.prod(config.image_shape)
 
     @property
     def latent_shapes(self) -> list[tuple]:
@@ -322,12 +325,3 @@ class VDVAE(HierarchicalVAE):
                  use_mean: bool = False) -> Walk:
         return self.decoder(features, batch, keep, temperature, use_mean)
 
-    def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> VAEOutput:
-        """The loss in nats per dimension (the scale of VDVAE's clipping and skipping thresholds);
-        its parts per image. Only the analytic KL is computed: the log-ratios `trace` adds for the
-        importance-weighted bound are not needed to train."""
-        walk = self.posterior_walk(x)
-        kl = torch.stack([sum_except_batch(g.posterior.kl(g.prior)) for g in walk.groups], 1)
-        log_px = self.likelihood.log_prob(walk.params, x)
-        loss = elbo_loss(log_px, kl, beta, free_bits) / self.dims
-        return VAEOutput(loss, -log_px, kl, loss.new_zeros(()))

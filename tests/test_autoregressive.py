@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))
 
 from hvae_nb.autoregressive import (BernoulliMADE, DiscreteNLayerVAE, GaussianMADE, NLayerVAEConfig,  # noqa: E402
                                     gaussian_copy_vae)
-from hvae_nb.presets import MODEL_FAMILIES, get_preset  # noqa: E402
+from hvae_nb.configs import MODEL_FAMILIES  # noqa: E402
+from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.vae import HierarchicalVAE  # noqa: E402
 
 

@@ -137,7 +137,7 @@ def test_evaluate_and_bench_bad_input(tmp_path, finished, capsys):
 def test_extending_a_finished_run_rebuilds_its_schedule(finished, tmp_path, capsys):
     import shutil
     from hvae_nb.train import make_optimizer, make_scheduler
-    from hvae_nb.presets import TrainConfig
+    from hvae_nb.configs import TrainConfig
     run_dir = tmp_path / 'extended'
     shutil.copytree(finished, run_dir)
     train_module.main(['--resume', str(run_dir), '--max-steps', '40', '--no-progress'])
@@ -153,8 +153,8 @@ def test_extending_a_finished_run_rebuilds_its_schedule(finished, tmp_path, caps
     recipe = TrainConfig(**config['preset']['train'])
     optimizer = make_optimizer(torch.nn.Linear(1, 1), recipe)
     scheduler, expected = make_scheduler(optimizer, recipe), {}
-    for step in range(1, 41):
-        optimizer.step(); scheduler.step(); expected[step] = scheduler.get_last_lr()[0]
+    for step in range(1, 41):      # the rate step s is taken at
+        expected[step] = scheduler.get_last_lr()[0]; optimizer.step(); scheduler.step()
     assert all(abs(steps[s] - expected[s]) < 1e-12 for s in range(21, 41))
     assert steps[21] > steps[20] * 0.5 and max(steps[s] for s in range(21, 41)) < steps[1]
 

@@ -11,7 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # test the working tree even when the package is not pip-installed
 
-from hvae_nb.evaluate import FIGURE_NAMES, evaluate_run, evaluation_images, load_run, main  # noqa: E402
+from hvae_nb.evaluate import FIGURE_NAMES, evaluate_run, evaluation_images, main  # noqa: E402
+from hvae_nb.runs import Run  # noqa: E402
 from hvae_nb.data import load_data, random_subset  # noqa: E402
 from hvae_nb.vae import dataset_nll  # noqa: E402
 from hvae_nb.presets import get_preset  # noqa: E402
@@ -46,7 +47,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_eval_json_and_figures(tiny_run):
     done = run(tiny_run, '--k', '20', '--max-examples', '60', '--batch-size', '25')
     assert done.returncode == 0, done.stderr
-    result = json.loads((tiny_run / 'eval.json').read_text())
+    result = json.loads((tiny_run / 'eval.json').read_text())['test_k20_60of297_batch25']
     # one short line, with the number and where the rest was written
     assert len(done.stdout.strip().splitlines()) == 1 and f"{result['nll_nats']:.2f} nats" in done.stdout
     assert str(tiny_run / 'eval.json') in done.stdout
@@ -72,7 +73,7 @@ def test_eval_json_and_figures(tiny_run):
     active = result['active_units']
     assert active['group_sizes'] == [8] and active['total'] == sum(active['per_group']) and active['threshold'] == 0.01
     # the count, recomputed from the posterior means of the weights on disk
-    model = load_run(tiny_run, 'model.safetensors', 'cpu')[1]
+    model = Run.open(tiny_run).model()
     with torch.no_grad(): means = model.posterior_means(images)[0]
     assert active['per_group'] == [int((means.var(0) > 0.01).sum())]
     # with the prior N(0, I) the KL of a unit is at least mu^2 / 2: a lower bound from the same means
@@ -168,38 +169,43 @@ def test_bad_input_is_one_line_and_exit_status_2(tiny_run, tmp_path, capsys):
     assert not any((folder / 'eval.json').exists() for folder in broken.values())
 
 
-def test_evaluate_parts_resumes_and_scores_every_image_once(tiny_run, tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('evaluate_parts', ROOT / 'tools' / 'evaluate_parts.py')
-    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
-    out = tmp_path / 'parts'
-    part = lambda i, *more, folder=out: tool.main([str(tiny_run), '--k', '3', '--parts', '2', '--part', str(i),
-                                                   '--out', str(folder), '--save-every', '50', *more])
-    part(0, '--max-minutes', '1e-9')            # stopped after its first save
-    assert json.loads((out / 'part_0_of_2.json').read_text())['done'] == 50
-    with pytest.raises(SystemExit, match='1 of 2 parts'): tool.combine(out)
+def test_an_evaluation_in_parts_resumes_and_equals_one_pass(tiny_run, tmp_path, capsys, monkeypatch):
+    "Two parts, one stopped after its first block and resumed, give exactly the numbers of one pass."
+    import hvae_nb.evaluate as evaluate_module
+    run_dir, whole_dir = tmp_path / 'run', tmp_path / 'whole'
+    for folder in (run_dir, whole_dir):
+        shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns('checkpoints', 'figures', 'eval*'))
+    part = lambda i, *more: main([str(run_dir), '--k', '3', '--batch-size', '50', '--parts', '2', '--part', str(i),
+                                  '--no-figures', '--no-progress', *more])
+    original, calls = evaluate_module.score_images, []
+    def stop_during_the_second_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2: raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(evaluate_module, 'score_images', stop_during_the_second_block)
+    with pytest.raises(KeyboardInterrupt): part(0)
+    monkeypatch.setattr(evaluate_module, 'score_images', original)
+    folder = run_dir / 'eval_parts' / 'test_k3_batch50'
+    assert json.loads((folder / 'part_0_of_2.json').read_text())['blocks_done'] == 1
     part(1)
-    partial = tool.combine(out)                  # 50 + 148 of 297: a random subset, said to be unfinished
-    assert (partial['num_examples'], partial['complete']) == (198, False) and 'not finished' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"written with other \['k'\]"):     # not with another k
-        tool.main([str(tiny_run), '--k', '4', '--parts', '2', '--part', '0', '--out', str(out), '--save-every', '50'])
+    assert 'waiting for part(s) 0' in capsys.readouterr().out and not (run_dir / 'eval.json').exists()
+    with pytest.raises(SystemExit): main([str(run_dir), '--k', '3', '--batch-size', '50', '--parts', '2', '--combine'])
+    assert 'parts 0 of 2 are not complete' in capsys.readouterr().err
+    # other weights (by content) cannot resume a part
+    weights = run_dir / 'model.safetensors'
+    kept = weights.read_bytes()
+    save_file({key: value + 1e-3 for key, value in load_file(weights).items()}, weights)
+    with pytest.raises(SystemExit): part(0)
+    assert 'computed with other weights_sha256' in capsys.readouterr().err
+    weights.write_bytes(kept)
     # a crash between a save's two files: the tensors hold rows the JSON does not count yet
-    saved = load_file(out / 'part_0_of_2.safetensors')
-    save_file({key: torch.cat([value, value[:7]]) for key, value in saved.items()}, out / 'part_0_of_2.safetensors')
-    part(0)                                      # resumes after 50
-    assert 'resuming after 50 of 149' in capsys.readouterr().out
-    result = tool.combine(out)
-    assert (result['num_examples'], result['split_size'], result['complete']) == (297, 297, True)
-    assert json.loads((out / 'combined.json').read_text())['nll_nats'] == result['nll_nats']
-    # each save's images are seeded by their place: the resumed part equals one run straight through
-    part(0, folder=tmp_path / 'straight')
-    resumed, straight = (load_file(folder / 'part_0_of_2.safetensors') for folder in (out, tmp_path / 'straight'))
-    assert torch.equal(resumed['rows'], straight['rows']) and torch.equal(resumed['nll'], straight['nll'])
-    # the rows are a random order, not the file's
-    assert not torch.equal(resumed['rows'], resumed['rows'].sort().values)
-    # against the library's evaluation of all 297 images with the same k (on a copy of the run: it writes
-    # eval.json): the same bound on the same images, other draws, so only Monte Carlo noise between them
-    run_dir = tmp_path / 'run'
-    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns('checkpoints', 'figures', 'eval.json'))
-    whole = evaluate_run(run_dir, k=3, figures=False, progress=False)
-    assert abs(result['nll_nats'] - whole['nll_nats']) < 0.5, (result['nll_nats'], whole['nll_nats'])
+    saved = load_file(folder / 'part_0_of_2.safetensors')
+    save_file({key: torch.cat([value, value[:7]]) for key, value in saved.items()}, folder / 'part_0_of_2.safetensors')
+    part(0)                                      # resumes after its first block, and, last, writes the result
+    assert 'resuming after 1 of 3 blocks' in capsys.readouterr().err
+    result = Run.open(run_dir).evaluations()['test_k3_batch50']
+    assert (result['num_examples'], result['split_size'], result['parts']) == (297, 297, 2)
+    # the blocks are seeded by their number: one pass gives every image the same numbers, the mean exactly
+    whole = evaluate_run(whole_dir, k=3, batch_size=50, figures=False, progress=False)
+    assert whole['name'] == result['name'] and whole['nll_nats'] == result['nll_nats']
+    assert whole['kl_per_group_nats'] == result['kl_per_group_nats']

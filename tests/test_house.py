@@ -1,13 +1,14 @@
 """The import rules of the house (../shared/STYLE.md, 'The house as it grows'), read from the package's own imports.
 
-Floors, lowest first; an import only ever points down:
-1. the vocabulary and the parts (distributions, data, cells, spectral, residual_normal, iaf, and cli, the command lines'
-   one spelling of options and one-line errors, which `python -m hvae_nb.data` uses too): they import only each other;
+Floors, lowest first; an import only ever points down (or along its own floor, without a circle):
+1. the vocabulary and the parts (distributions, data, cells, spectral, residual_normal, iaf), the command lines' one
+   spelling of options and one-line errors (cli), and the configuration (configs: errors and checks, ModelConfig,
+   TrainConfig, Preset, the family registry, overrides, JSON);
 2. the interface and the loss (vae);
-3. the models (every module defining a `HierarchicalVAE` subclass) and diagnostics: they never import the catalogue,
-   the run directory, the trainer, evaluation, the benchmark, the converter or a command line;
-4. the catalogue (presets): the only module that imports every model family;
-5. runs and faces (configs, runs, cli, train, evaluate, bench, convert): the generic ones never import a concrete model.
+3. the run (runs: one `Run` owns a run directory; it builds models only through `preset.model.build()`);
+4. the models (every module defining a `HierarchicalVAE` subclass) and diagnostics;
+5. the catalogue (presets): the only module that imports every model family;
+6. the faces (train, evaluate, bench, convert): the generic ones never import a concrete model.
 """
 import ast
 from pathlib import Path
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'hvae_nb'
-PARTS = {'distributions', 'data', 'cells', 'spectral', 'residual_normal', 'iaf', 'cli'}
+PARTS = {'distributions', 'data', 'cells', 'spectral', 'residual_normal', 'iaf', 'cli', 'configs'}
+FLOORS = {**{m: 1 for m in PARTS}, 'vae': 2, 'runs': 3, 'lvae': 4, 'nvae': 4, 'vdvae': 4, 'autoregressive': 4,
+          'diagnostics': 4, 'presets': 5, 'train': 6, 'evaluate': 6, 'bench': 6, 'convert': 6}
 GENERIC = {'train', 'evaluate', 'diagnostics', 'bench', 'configs', 'runs', 'cli'}
-ABOVE_MODELS = {'presets', 'configs', 'runs', 'cli', 'train', 'evaluate', 'bench', 'convert'}
+ABOVE_MODELS = {'presets', 'train', 'evaluate', 'bench', 'convert'}
 
 
 def module_imports(package: Path) -> tuple[dict[str, set[str]], set[str]]:
@@ -76,6 +79,22 @@ def test_the_package_has_models_and_parts_to_check():
 
 def test_no_import_circles():
     assert import_cycles(IMPORTS) == []
+
+
+def test_every_module_has_a_floor_and_imports_only_down():
+    assert set(IMPORTS) == set(FLOORS), f"modules without a floor: {sorted(set(IMPORTS) - set(FLOORS))}"
+    upward = [f"{m} (floor {FLOORS[m]}) imports {d} (floor {FLOORS[d]})"
+              for m, deps in sorted(IMPORTS.items()) for d in sorted(deps) if FLOORS[d] > FLOORS[m]]
+    assert upward == []
+
+
+def test_the_floor_checker_finds_an_upward_import(tmp_path):
+    package = tmp_path / 'toy'
+    package.mkdir()
+    (package / 'configs.py').write_text('from .runs import Run\n')
+    (package / 'runs.py').write_text('X = 1\n')
+    imports, _ = module_imports(package)
+    assert [d for m, deps in imports.items() for d in deps if FLOORS[d] > FLOORS[m]] == ['runs']
 
 
 @pytest.mark.parametrize('part', sorted(PARTS & set(IMPORTS)))

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from hvae_nb.distributions import DiagonalGaussian, gaussian_params, make_likelihood, sum_except_batch
-from hvae_nb.vae import (ConfigError, Group, HierarchicalVAE, ModelConfig, Walk, check_positive_ints, dataset_nll,
-                         iw_log_likelihood)
-from hvae_nb.presets import Preset, TrainConfig, register_family
+from hvae_nb.configs import ConfigError, ModelConfig, Preset, TrainConfig, check_positive_ints, register_family
+from hvae_nb.vae import Group, HierarchicalVAE, Walk, dataset_nll, iw_log_likelihood
 from hvae_nb.diagnostics import active_units, kl_per_group
 from hvae_nb.train import train
 from hvae_nb.evaluate import FIGURE_NAMES, evaluate_run
 from hvae_nb.bench import benchmark_preset
-from hvae_nb.runs import from_pretrained, read_metrics
+from hvae_nb.runs import Run, from_pretrained
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def trained(tmp_path_factory):
 
 def test_training_iw_nll_and_the_run_directory(trained):
     assert trained.test['num_examples'] == 297 and math.isfinite(trained.test['nll_nats'])
-    steps = [r for r in read_metrics(trained.run_dir) if 'loss' in r]
+    steps = [r for r in Run.open(trained.run_dir).metrics() if 'loss' in r]
     assert len(steps) == 60 and len(steps[0]['kl']) == 2
     assert all(r['penalty'] > 0 for r in steps)                                # the hook's term, logged on its own
     assert steps[-1]['loss'] < steps[0]['loss']
@@ -115,7 +114,7 @@ def test_diagnostics_evaluation_figures_and_benchmark(trained, tmp_path):
     result = evaluate_run(trained.run_dir, k=10, max_examples=40, progress=False)
     assert sorted(result['figures']) == sorted(FIGURE_NAMES)
     assert len(result['kl_per_group_nats']) == 2
-    assert json.loads((trained.run_dir / 'eval.json').read_text())['nll_nats'] == result['nll_nats']
+    assert Run.open(trained.run_dir).evaluations()[result['name']]['nll_nats'] == result['nll_nats']
     bench = benchmark_preset(preset(), batch_size=8, steps=1, repeats=1, warmup=1, budget_s=0.5)
     assert bench['status'] == 'ok' and bench['parameters'] == sum(p.numel() for p in model.parameters())
 

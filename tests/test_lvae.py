@@ -13,7 +13,8 @@ from hvae_nb.distributions import DiagonalGaussian, gaussian_kl  # noqa: E402
 from hvae_nb.diagnostics import active_units, kl_per_group  # noqa: E402
 from hvae_nb.lvae import LVAEConfig, precision_weighted  # noqa: E402
 from hvae_nb.vae import kl_warmup  # noqa: E402
-from hvae_nb.presets import MODEL_FAMILIES, get_preset  # noqa: E402
+from hvae_nb.configs import MODEL_FAMILIES  # noqa: E402
+from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.residual_normal import residual_normal_kl, residual_posterior  # noqa: E402
 
 SMALL = LVAEConfig(image_shape=(1, 8, 8), latent_dims=(6, 4, 2), hidden_dims=(32, 16, 8))

@@ -18,7 +18,8 @@ from hvae_nb.nvae import (NVAEConfig, groups_per_scale, kl_balance_sizes, kl_bal
                           official_nvae_state)
 from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.runs import RunError, from_pretrained  # noqa: E402
-from hvae_nb.vae import ConfigError, kl_warmup  # noqa: E402
+from hvae_nb.configs import ConfigError  # noqa: E402
+from hvae_nb.vae import kl_warmup  # noqa: E402
 
 # The official README commands, as the flags train.py's argparse gives the model (defaults filled in).
 MNIST_COMMAND = dict(dataset='mnist', arch_instance='res_mbconv', use_se=True, res_dist=True, num_x_bits=8,

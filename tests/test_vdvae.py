@@ -20,9 +20,10 @@ from hvae_nb.convert import (
     official_vdvae_name,
     read_checkpoint,
 )  # noqa: E402
-from hvae_nb.presets import MODEL_FAMILIES, get_preset  # noqa: E402
+from hvae_nb.configs import MODEL_FAMILIES  # noqa: E402
+from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.runs import RunError, from_pretrained  # noqa: E402
-from hvae_nb.vae import ConfigError  # noqa: E402
+from hvae_nb.configs import ConfigError  # noqa: E402
 from hvae_nb.vdvae import VDVAEConfig, VDVAEMixture, parse_layer_string  # noqa: E402
 
 ENVIRONMENT = dict(
@@ -249,7 +250,7 @@ def test_presets_build_the_official_architecture(name):
     )
 
 
-def test_model_answers_the_interface_with_a_loss_per_dimension():
+def test_model_answers_the_interface_in_nats_per_image():
     torch.manual_seed(0)
     for config in (
         SMALL,
@@ -266,10 +267,10 @@ def test_model_answers_the_interface_with_a_loss_per_dimension():
         x = torch.bernoulli(x) if config.likelihood == 'bernoulli' else torch.round(x * 255) / 255
         out = model(x)
         assert out.kl.shape == (5, 7) and model.num_groups == 7
-        assert torch.allclose(
-            out.loss, (out.reconstruction + out.kl.sum(1)).mean() / math.prod(config.image_shape)
-        )
-        out.loss.backward()
+        # the loss in nats per image, as every family's; the objective in VDVAE's unit, nats per dimension
+        assert torch.allclose(out.loss, (out.reconstruction + out.kl.sum(1)).mean())
+        assert torch.allclose(out.objective, out.loss / math.prod(config.image_shape))
+        out.objective.backward()
         assert model.sample(3, 0.5).shape == (3, *config.image_shape)
         assert model.reconstruct_keep(x, 3).shape == x.shape and model.log_weight(x).shape == (5,)
     assert MODEL_FAMILIES['vdvae'] is VDVAEConfig
@@ -315,7 +316,7 @@ def test_converted_checkpoint_computes_the_official_loss(tmp_path):
     )
     with torch.no_grad():
         torch.manual_seed(2)
-        ours = model(pixels.permute(0, 3, 1, 2).float() / 255).loss
+        ours = model(pixels.permute(0, 3, 1, 2).float() / 255).objective   # nats per dimension
         torch.manual_seed(2)
         theirs = official_loss(state, pixels)
     assert torch.isfinite(theirs) and torch.allclose(ours, theirs, rtol=1e-5), (ours, theirs)
@@ -381,7 +382,7 @@ def test_command_line_conversion_then_evaluation(tmp_path):
     evaluated = run_module('hvae_nb.evaluate', tmp_path / 'run', '--k', '2', '--batch-size', '2',
                            '--data-dir', data, '--no-figures', '--no-progress', '--device', 'cpu')
     assert evaluated.returncode == 0, evaluated.stderr
-    result = json.loads((tmp_path / 'run' / 'eval.json').read_text())
+    (result,) = json.loads((tmp_path / 'run' / 'eval.json').read_text()).values()
     assert (
         result['num_examples'] == 4
         and math.isfinite(result['nll_bits_per_dim'])

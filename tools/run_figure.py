@@ -15,12 +15,14 @@ import matplotlib.pyplot as plt
 import torch
 
 from hvae_nb.data import random_subset, show_images
-from hvae_nb.evaluate import evaluation_images, load_run
+from hvae_nb.evaluate import evaluation_images
+from hvae_nb.runs import Run
 from hvae_nb.vae import evaluating
 
 
 def run_figure(run_dir: Path, out: Path, count: int = 16, seed: int = 0):
-    preset, model, _ = load_run(run_dir, 'model.safetensors', 'cpu')
+    run = Run.open(run_dir)
+    preset, model = run.preset, run.model()
     images, _ = evaluation_images(preset, 'test', None, seed)
     chosen = random_subset(images, count, seed)[:]   # float images
     binary = preset.model.likelihood == 'bernoulli'
