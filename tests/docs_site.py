@@ -9,12 +9,15 @@ nbdev on a copy of the repository, then converted to standalone HTML pages by pa
    `nbdev_proc_nbs` looks for Quarto and would try to install it; a stub `quarto` that fails when run stands in for
    it (nbdev_proc_nbs only looks it up). It copies the other files of nbs/ (images/ in particular) beside the
    processed notebooks in `_proc/`.
-2. `render`: pandoc `-f ipynb -t html5 --standalone --katex` on a processed chapter, after three small steps that
-   make pandoc read the notebook as Quarto does: the front-matter cell becomes the document's metadata, the markdown
+2. `render`: pandoc `-f ipynb+link_attributes -t html5 --standalone --katex` on a processed chapter, with the site's
+   nbs/styles.css in the page (Quarto adds it to every page: `css: styles.css` in _quarto.yml), after three small
+   steps that make pandoc read the notebook as Quarto does: the front-matter cell becomes the document's metadata, the markdown
    output of `#| output: asis` cells (the `show_doc` cells) becomes markdown, and the code of `#| echo: false`
    cells is dropped. (Ubuntu's pandoc 2.x also rejects `execute_result` outputs without an execution count, which
    nbdev writes; they become `display_data`, which renders the same.) The page is written beside the processed
    notebook, its images extracted into `<chapter>_media/`, images the markdown links (`images/...`) included.
+   Quarto's markdown reads link attributes (`[source](url){target="_blank"}`, which every `show_doc` heading
+   writes); pandoc's ipynb reader does so only with its `link_attributes` extension, turned on here.
    Math is left to KaTeX in the browser, as on the published site: the page loads KaTeX from KATEX_URL, the address
    pandoc's (and so Quarto's) pages use, and renders every math span with pandoc's own script.
 
@@ -33,8 +36,12 @@ from execute_chapters import chapter_paths, directives  # noqa: E402  (one defin
 # what the pages load KaTeX from: pandoc 3's default, which Quarto's html-math-method: katex uses; the browser check
 # answers these requests from a local copy of the katex npm package
 KATEX_URL = 'https://cdn.jsdelivr.net/npm/katex@latest/dist/'
+# the site's own style sheet, which Quarto puts in every page after its theme
+STYLES = NBS / 'styles.css'
+# pandoc's ipynb reader with the one extension Quarto's markdown has and it lacks by default
+PANDOC_FORMAT = 'ipynb+link_attributes'
 
-__all__ = ['ROOT', 'NBS', 'KATEX_URL', 'chapter_paths', 'directives', 'process_notebooks', 'front_matter',
+__all__ = ['ROOT', 'NBS', 'KATEX_URL', 'STYLES', 'PANDOC_FORMAT', 'chapter_paths', 'directives', 'process_notebooks', 'front_matter',
            'as_quarto_reads_it', 'render', 'RenderedSite']
 
 
@@ -106,20 +113,24 @@ def as_quarto_reads_it(notebook: dict) -> dict:
     return {**notebook, 'cells': result}
 
 
-def render(notebook_path: Path, folder: Path, pandoc: str) -> tuple[str, dict]:
+def render(notebook_path: Path, folder: Path, pandoc: str, styles: Path | None = STYLES) -> tuple[str, dict]:
     """Standalone HTML of a processed notebook, written to `folder/<name>.html` with its images extracted into
     `folder/<name>_media/`; also the notebook as converted. Images the markdown links are looked up from the
-    notebook's folder, as Quarto does."""
+    notebook's folder, as Quarto does. `styles` (the site's style sheet; None: pandoc's defaults only) is written
+    into the page's head."""
     notebook = json.loads(notebook_path.read_text())
     converted = as_quarto_reads_it(notebook)
     work = folder / '.pandoc'
     work.mkdir(parents=True, exist_ok=True)
     source, metadata = work / notebook_path.name, work / f'{notebook_path.stem}.yaml'
+    header = work / f'{notebook_path.stem}_head.html'
     source.write_text(json.dumps(converted))
     metadata.write_text(yaml.safe_dump({k: v for k, v in front_matter(notebook).items() if isinstance(v, str)}))
+    header.write_text(f'<style>\n{styles.read_text()}\n</style>\n' if styles else '')
     page = folder / f'{notebook_path.stem}.html'
-    done = subprocess.run([pandoc, '-f', 'ipynb', '-t', 'html5', '--standalone', f'--katex={KATEX_URL}',
-                           f'--metadata-file={metadata}', f'--extract-media={folder / (notebook_path.stem + "_media")}',
+    done = subprocess.run([pandoc, '-f', PANDOC_FORMAT, '-t', 'html5', '--standalone', f'--katex={KATEX_URL}',
+                           f'--metadata-file={metadata}', f'--include-in-header={header}',
+                           f'--extract-media={folder / (notebook_path.stem + "_media")}',
                            '-o', str(page), str(source)],
                           cwd=notebook_path.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"pandoc could not convert {notebook_path.name}: {done.stderr}"

@@ -112,6 +112,9 @@ def test_site_configuration():
     assert link.is_symlink() and link.resolve() == (ROOT / '_quarto.yml').resolve(), "nbs/_quarto.yml must be a symlink to ../_quarto.yml"
     config = yaml.safe_load((ROOT / '_quarto.yml').read_text())
     assert config['format']['html'].get('html-math-method') in ('katex', 'mathjax'), "math must be rendered"
+    assert config['format']['html'].get('css') == 'styles.css', "the site's style sheet is nbs/styles.css"
+    assert config['format']['html'].get('code-overflow') == 'wrap', (
+        "code must wrap on the site as on the pages the tests render (nbs/styles.css)")
     assert (NBS / 'index.ipynb').exists(), "the home page nbs/index.ipynb is missing"
     expected = ['index.ipynb'] + [p.name for p in chapter_paths() if p.name != 'index.ipynb']
     listed = sidebar_pages(config['website']['sidebar']['contents'])

@@ -1,8 +1,10 @@
 """The chapters are committed executed, and their outputs are those of their current code.
 
-tools/execute_chapters.py runs a chapter and records in its metadata the hash of its code cells; this test fails,
-naming the chapter and the command that re-executes it, when a chapter that has code to run
-- was never executed by the script (no recorded hash) or its code changed since (the hash differs),
+tools/execute_chapters.py runs a chapter and records in its metadata the hash of its code cells and of the code of
+every hvae_nb module it runs (those it imports, and those these import); this test fails, naming the chapter, what
+changed and the command that re-executes it, when a chapter that has code to run
+- was never executed by the script, or its code changed since, or the code of a module it runs changed since (the
+  failure names the module: a chapter that prints a config shows the fields of the config it was executed with),
 - stores no output at all (saved after "Clear All Outputs", for instance),
 - stores an error or a traceback in an output,
 - has a long (`#| slow`) cell that does not wait for HVAE_SLOW=1, so that JupyterLab's Run All would start it.
@@ -17,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 sys.path.insert(0, str(ROOT / 'tools'))
-from execute_chapters import (chapter_paths, code_sha256, directives, is_skipped, recorded_sha256,  # noqa: E402
-                              skip_flags, source)
+from execute_chapters import (chapter_paths, code_sha256, directives, is_skipped, module_sha256,  # noqa: E402
+                              recorded_sha256, skip_flags, source, stale_reasons)
 
 NBS_LIMIT = 15 * 2**20
 # a figure of the house (dpi 80-100, at most ~12 inches wide) is well within these; a sample grid too
@@ -55,10 +57,9 @@ def test_chapter_is_executed(name):
     notebook = json.loads(path.read_text())
     cells = run_cells(notebook)
     if not cells: return  # nothing to run (a page of prose)
-    recorded = recorded_sha256(notebook)
-    assert recorded is not None, f"{name} was never executed by tools/execute_chapters.py (its metadata holds no code hash); {rerun(path)}"
-    assert recorded == code_sha256(notebook), (f"{name}: its code changed after it was last executed, so its stored "
-                                               f"outputs may not be what the code computes; {rerun(path)}")
+    reasons = stale_reasons(notebook)
+    assert not reasons, (f"{name}: {'; '.join(reasons)}, so its stored outputs may not be what the code computes "
+                         f"now; {rerun(path)}")
     assert any(c.get('outputs') for _, c in cells), f"{name} stores no output (were they cleared?); {rerun(path)}"
     errors = error_outputs(notebook)
     assert not errors, f"{name} stores errors in its outputs: fix the chapter, then {rerun(path)}\n" + '\n'.join(errors)
@@ -112,6 +113,35 @@ def test_images_are_modest():
             if max(width, height) > IMAGE_SIDE_LIMIT: too_large.append(f"{where}: {width}x{height} pixels")
     assert not too_large, (f"images over {IMAGE_BYTES_LIMIT // 2**10} kB or {IMAGE_SIDE_LIMIT} pixels a side (draw figures "
                            f"at dpi 80-100 and a modest figsize, save PNG):\n" + '\n'.join(too_large))
+
+
+def test_the_checks_see_a_changed_module(tmp_path):
+    """The module record itself, on a small package: a chapter that imports `a`, which imports `b` (relatively, as
+    nbdev writes it) and starts `c` by name; `d` is imported by nobody. Rewording a comment or a docstring of `b`
+    leaves the chapter fresh; changing its code makes the chapter stale, and the reason names `b`."""
+    package = tmp_path / 'hvae_nb'
+    package.mkdir()
+    files = {'__init__.py': '__version__ = "1"\n',
+             'a.py': '"A."\nfrom .b import twice\nCOMMAND = "python -m hvae_nb.c"\n',
+             'b.py': '"B."\ndef twice(x):\n    "Doubles."\n    return 2 * x  # why\n',
+             'c.py': 'print(1)\n', 'd.py': 'print(2)\n'}
+    for name, text in files.items(): (package / name).write_text(text)
+    code = lambda text: dict(cell_type='code', execution_count=None, metadata={}, source=text, outputs=[])
+    notebook = dict(cells=[code('from hvae_nb.a import COMMAND\n%time print(COMMAND)')], metadata={})
+    notebook['metadata']['hvae_nb'] = {'code_sha256': code_sha256(notebook),
+                                       'module_sha256': module_sha256(notebook, package)}
+    assert sorted(notebook['metadata']['hvae_nb']['module_sha256']) == [
+        'hvae_nb/__init__.py', 'hvae_nb/a.py', 'hvae_nb/b.py', 'hvae_nb/c.py']
+    assert stale_reasons(notebook, package) == []
+    (package / 'b.py').write_text('"B, reworded."\ndef twice(x):\n    "Twice x."\n    return 2 * x  # because\n')
+    assert stale_reasons(notebook, package) == []
+    (package / 'b.py').write_text('"B."\ndef twice(x):\n    "Doubles."\n    return 3 * x\n')
+    assert stale_reasons(notebook, package) == [
+        'the code of hvae_nb/b.py, which it runs, changed since it was executed']
+    (package / 'a.py').write_text(files['a.py'] + 'from . import d\n')
+    assert any('it now runs hvae_nb/d.py' in r for r in stale_reasons(notebook, package))
+    del notebook['metadata']['hvae_nb']['module_sha256']
+    assert any('before the script recorded' in r for r in stale_reasons(notebook, package))
 
 
 def test_the_checks_see_a_stale_or_failed_chapter():
