@@ -116,22 +116,27 @@ class DiscretizedLogisticMixture:
             k += c
         return torch.stack(shifted, 2)
 
-    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
-        "Per-example log-likelihood of `x` in [0, 1] (multiples of 1/levels)."
-        logits, means, log_scales, coefficients = self._split(params)
-        x = (2 * x - 1).unsqueeze(1)                                   # (B,1,C,H,W) in [-1, 1]
-        centred = x - self._coupled_means(means, coefficients, x)
-        inv_scale, half_bin = torch.exp(-log_scales), 1.0 / self.levels
+    def _log_level_probability(self, x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+        """log P(x) of the level `x` (on [-1, 1]) under one channel of one component, a logistic
+        of `mean` and `log_scale` discretised into bins of half-width 1/levels (broadcast)."""
+        centred, inv_scale, half_bin = x - mean, torch.exp(-log_scale), 1.0 / self.levels
         upper, lower = inv_scale * (centred + half_bin), inv_scale * (centred - half_bin)
         log_cdf_upper = upper - F.softplus(upper)          # log sigmoid(upper): the x = -1 edge bin
         log_survival_lower = -F.softplus(lower)            # log(1 - sigmoid(lower)): the x = +1 bin
         bin_mass = torch.sigmoid(upper) - torch.sigmoid(lower)
         centre = inv_scale * centred
-        log_density_centre = centre - log_scales - 2 * F.softplus(centre) + math.log(2 * half_bin)
+        log_density_centre = centre - log_scale - 2 * F.softplus(centre) + math.log(2 * half_bin)
         log_mid = torch.where(bin_mass > 1e-5, torch.log(bin_mass.clamp_min(1e-12)),
                               log_density_centre)
-        log_bin = torch.where(x < -0.999, log_cdf_upper,
-                              torch.where(x > 0.999, log_survival_lower, log_mid))
+        return torch.where(x < -0.999, log_cdf_upper,
+                           torch.where(x > 0.999, log_survival_lower, log_mid))
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        "Per-example log-likelihood of `x` in [0, 1] (multiples of 1/levels)."
+        logits, means, log_scales, coefficients = self._split(params)
+        x = (2 * x - 1).unsqueeze(1)                                   # (B,1,C,H,W) in [-1, 1]
+        coupled = self._coupled_means(means, coefficients, x)
+        log_bin = self._log_level_probability(x, coupled, log_scales)  # (B,M,C,H,W)
         per_pixel = torch.logsumexp(log_bin.sum(2) + F.log_softmax(logits, 1), dim=1)   # (B,H,W)
         return sum_except_batch(per_pixel)
 
@@ -140,13 +145,17 @@ class DiscretizedLogisticMixture:
         # the same arithmetic as log_prob's 2 * (k / levels) - 1, so a level compares equal there
         return 2 * (torch.round((value.clamp(-1, 1) + 1) / 2 * self.levels) / self.levels) - 1
 
-    def sample(self, params: Tensor) -> Tensor:
-        "Draw images in [0, 1] on the likelihood's levels, from the distribution log_prob scores."
+    def _draw_components(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        "A component per pixel, drawn from the weights: its means, log-scales (B,C,H,W), couplings."
         logits, means, log_scales, coefficients = self._split(params)
         component = torch.distributions.Categorical(logits=logits.movedim(1, -1)).sample()
         index = component[:, None, None]                                       # (B,1,1,H,W)
         pick = lambda t: t.gather(1, index.expand(-1, 1, *t.shape[2:]).contiguous()).squeeze(1)
-        mean, log_scale, alpha = pick(means), pick(log_scales), pick(coefficients)
+        return pick(means), pick(log_scales), pick(coefficients)
+
+    def sample(self, params: Tensor) -> Tensor:
+        "Draw images in [0, 1] on the likelihood's levels, from the distribution log_prob scores."
+        mean, log_scale, alpha = self._draw_components(params)
         u = torch.rand_like(mean).clamp(1e-5, 1 - 1e-5)
         noise = torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))         # logistic
         channels, k = [], 0

@@ -277,8 +277,13 @@ class Decoder(nn.Module):
 class VDVAEMixture(DiscretizedLogisticMixture):
     """The discretized logistic mixture of chapter 00, read from VDVAE's output layout: the M
     logits, then per channel the M means, the M log-scales (floored at -7) and, for RGB, M coupling
-    coefficients. With `bits` < 8, 8-bit pixels are floored to that many bits before they are
-    scored, as the official FFHQ-256 target."""
+    coefficients. With `bits` < 8, the official FFHQ-256 likelihood: 8-bit pixels floored to that
+    many bits on the 8-bit scale (v -> 8 floor(v / 8) for 5 bits) and scored with bins of
+    half-width 1/(2^bits - 1); samples are drawn on that grid."""
+    def __init__(self, num_mixtures: int = 10, bits: int = 8):
+        super().__init__(num_mixtures, bits)
+        self.step = 2 ** (8 - bits)          # 8-bit values per level: 8 at 5 bits
+
     def _split(self, params: Tensor):
         b, p, h, w = params.shape
         m = self.num_mixtures
@@ -293,11 +298,32 @@ class VDVAEMixture(DiscretizedLogisticMixture):
                         else params.new_zeros(b, m, 0, h, w))
         return params[:, :m], means, log_scales, coefficients
 
+    def scored_levels(self, x: Tensor) -> Tensor:
+        "The levels (in [0, 1]) the official loss scores for images `x` in [0, 1]: 8k/255 (5 bits)."
+        return torch.floor(torch.round(255 * x) / self.step) * self.step / 255
+
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
-        if self.levels < 255:
-            step = 256 // (self.levels + 1)
-            x = torch.floor(torch.round(255 * x) / step) * step / 255
+        if self.levels < 255: x = self.scored_levels(x)
         return super().log_prob(params, x)
+
+    def sample(self, params: Tensor) -> Tensor:
+        """Images in [0, 1] on the levels `log_prob` scores. With fewer than 8 bits the scored
+        bins overlap and miss the top of the range, so no logistic draw rounds onto them: each
+        channel is drawn from its levels' probabilities under the component, over their sum."""
+        if self.levels == 255: return super().sample(params)
+        mean, log_scale, alpha = self._draw_components(params)
+        values = self.step * torch.arange(self.levels + 1, device=mean.device) / 255
+        grid = (2 * values - 1).to(mean.dtype).view(-1, 1, 1, 1)    # log_prob's arithmetic
+        channels, levels, k = [], [], 0
+        for c in range(mean.shape[1]):
+            # as log_prob, channel c's mean is shifted by the earlier channels' levels
+            shift = sum(alpha[:, k + j] * channels[j] for j in range(c))
+            log_p = self._log_level_probability(grid, mean[:, c] + shift, log_scale[:, c])
+            level = torch.distributions.Categorical(logits=log_p.movedim(0, -1)).sample()
+            channels.append(grid.flatten()[level])
+            levels.append(level)
+            k += c
+        return values.to(mean.dtype)[torch.stack(levels, 1)]
 
 # %% ../nbs/09_vdvae.ipynb #86edb430
 class VDVAE(HierarchicalVAE):

@@ -302,6 +302,132 @@ def test_mixture_head_reads_the_official_layout():
     )
 
 
+# ---- the 5-bit likelihood of FFHQ-256 and its sampler ----------------------------------------------
+# The official 5-bit target is 8 floor(v / 8) on the 8-bit scale v / 127.5 - 1 (data.py), scored with bins of
+# half-width 1/31 (discretized_mix_logistic_loss, low_bit): written here from that definition, not from our code.
+OFFICIAL_LEVELS = 16 * torch.arange(32, dtype=torch.float64) / 255 - 1         # 8k / 127.5 - 1
+
+
+def official_five_bit_probabilities(centre: float, scale: float) -> torch.Tensor:
+    "P(level k), k = 0..31, of one logistic (centre, scale in 8-bit units): a brute-force loop."
+    mu, s = centre / 127.5 - 1, scale / 127.5
+    sigmoid = lambda t: 1 / (1 + math.exp(-t)) if t >= 0 else math.exp(t) / (1 + math.exp(t))
+    probabilities = []
+    for k, g in enumerate(OFFICIAL_LEVELS.tolist()):
+        upper = sigmoid((g + 1 / 31 - mu) / s)
+        probabilities.append(upper if k == 0 else upper - sigmoid((g - 1 / 31 - mu) / s))
+    return torch.tensor(probabilities, dtype=torch.float64)
+
+
+def grey_params(centre: float, scale: float) -> torch.Tensor:
+    "(1, 3, 1, 1): one component in VDVAE's grey layout (logit, mean, log-scale)."
+    return torch.tensor([0.0, centre / 127.5 - 1, math.log(scale / 127.5)]).view(1, 3, 1, 1)
+
+
+def five_bit_level_index(x: torch.Tensor) -> torch.Tensor:
+    "The official level index of images in [0, 1]: floor(v / 8) of the 8-bit value v."
+    return torch.div(torch.round(255 * x).long(), 8, rounding_mode='floor')
+
+
+def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> float:
+    "scipy's Pearson test of `counts` against N * `probabilities` (normalised), small cells pooled."
+    from scipy import stats
+    n = counts.sum().item()
+    expected = (n * probabilities / probabilities.sum()).double().numpy()
+    observed = counts.double().numpy()
+    kept = expected >= 5
+    f_obs, f_exp = list(observed[kept]), list(expected[kept])
+    if expected[~kept].sum() >= 5:
+        f_obs.append(observed[~kept].sum()); f_exp.append(expected[~kept].sum())
+    else:                                   # fold the little left into the smallest kept cell
+        smallest = int(np.argmin(f_exp))
+        f_obs[smallest] += observed[~kept].sum(); f_exp[smallest] += expected[~kept].sum()
+    return stats.chisquare(f_obs, f_exp).pvalue
+
+
+FIVE_BIT_GREY = [(96, 8), (130, 20), (245, 6), (255, 40), (20, 12)]
+
+
+@pytest.mark.parametrize('centre, scale', FIVE_BIT_GREY + [(116.0, 0.12), (255, 0.5)])
+def test_five_bit_log_prob_is_the_official_bins_and_not_normalised(centre, scale):
+    likelihood = VDVAEMixture(1, bits=5)
+    x = (8 * torch.arange(32) / 255).view(-1, 1, 1, 1)
+    ours = likelihood.log_prob(grey_params(centre, scale).expand(32, -1, -1, -1), x).double().exp()
+    reference = official_five_bit_probabilities(centre, scale)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_five_bit_probabilities_sum_from_almost_nothing_to_more_than_one():
+    sums = {c_s: official_five_bit_probabilities(*c_s).sum().item()
+            for c_s in [(96, 8), (116.0, 0.12), (245, 6), (255, 0.5)]}
+    assert abs(sums[96, 8] - 0.0645 / 0.0627) < 0.003       # bin width over level spacing
+    assert sums[116.0, 0.12] > 1.4 and sums[245, 6] < 0.8 and sums[255, 0.5] < 0.01
+
+
+@pytest.mark.parametrize('centre, scale', FIVE_BIT_GREY)
+def test_five_bit_sampler_follows_the_scored_probabilities(centre, scale):
+    "Sampling frequencies of the 32 scored levels against the brute-force probabilities, normalised."
+    from hvae_nb.distributions import DiscretizedLogisticMixture
+    likelihood = VDVAEMixture(1, bits=5)
+    params = grey_params(centre, scale).expand(100_000, -1, -1, -1)
+    expected = official_five_bit_probabilities(centre, scale)
+    torch.manual_seed(0)
+    draws = likelihood.sample(params)
+    assert torch.equal(likelihood.scored_levels(draws), draws)            # on the scored grid
+    counts = torch.bincount(five_bit_level_index(draws).flatten(), minlength=32)
+    assert chi_square_p_value(counts, expected) > 1e-4
+    # the control: the k/31 sampler of chapter 00, its draws mapped to the levels log_prob scores
+    wrong = five_bit_level_index(DiscretizedLogisticMixture.sample(likelihood, params))
+    assert chi_square_p_value(torch.bincount(wrong.flatten(), minlength=32), expected) < 1e-10
+
+
+def test_five_bit_spike_is_drawn_where_it_is_scored():
+    "All the probability on the 8-bit value 160: drawn at 160, which log_prob scores as 160."
+    likelihood = VDVAEMixture(1, bits=5)
+    params = grey_params(160, 0.12).expand(1000, -1, -1, -1)
+    torch.manual_seed(0)
+    draws = likelihood.sample(params)
+    assert (255 * draws).round().unique().tolist() == [160.0]
+    assert likelihood.log_prob(params[:1], draws[:1]).item() > -1e-4
+
+
+def test_five_bit_rgb_sampler_follows_the_joint_where_the_sums_are_equal():
+    """Two coupled RGB components inside the range, at least a level wide: every channel's sum is
+    the same 1.028, so the per-channel renormalisation is log_prob renormalised over all colours."""
+    m = 2
+    unit = lambda v: v / 127.5 - 1
+    colours, scales = [(96, 152, 72), (176, 64, 128)], [6.0, 10.0]
+    couplings = [(0.9, -0.6, 0.8), (-0.8, 0.5, -0.9)]
+    per_channel = torch.zeros(3, 3, m)                  # (channel, mean | log-scale | coupling, M)
+    for i, ((r, g, b), scale, (alpha, beta, gamma)) in enumerate(zip(colours, scales, couplings)):
+        per_channel[:, 0, i] = torch.tensor([unit(r), unit(g) - alpha * unit(r),
+                                             unit(b) - beta * unit(r) - gamma * unit(g)])
+        per_channel[:, 1, i] = math.log(scale / 127.5)
+        per_channel[:, 2, i] = torch.atanh(torch.tensor([alpha, beta, gamma]))
+    params = torch.cat([torch.tensor([math.log(0.6), math.log(0.4)]), per_channel.flatten()])
+    params = params.view(1, -1, 1, 1)
+    likelihood = VDVAEMixture(m, bits=5)
+    levels = 8 * torch.arange(32) / 255
+    r, g, b = torch.meshgrid(levels, levels, levels, indexing='ij')
+    every_colour = torch.stack([r, g, b], -1).view(-1, 3, 1, 1)      # index r * 1024 + g * 32 + b
+    p = likelihood.log_prob(params.expand(len(every_colour), -1, -1, -1), every_colour).double().exp()
+    assert abs(p.sum().item() - (0.0645 / 0.0627) ** 3) < 0.01
+    torch.manual_seed(0)
+    k = five_bit_level_index(likelihood.sample(params.expand(200_000, -1, -1, -1))).flatten(1)
+    counts = torch.bincount((k[:, 0] * 32 + k[:, 1]) * 32 + k[:, 2], minlength=32 ** 3)
+    assert chi_square_p_value(counts, p) > 1e-4
+
+
+def test_eight_bit_mixture_keeps_chapter_00s_sampler():
+    "At 8 bits the bins tile [-1, 1]: VDVAEMixture samples exactly as chapter 00's likelihood."
+    from hvae_nb.distributions import DiscretizedLogisticMixture
+    torch.manual_seed(0)
+    params = torch.randn(2, 100, 3, 3)
+    torch.manual_seed(1); ours = VDVAEMixture(10).sample(params)
+    torch.manual_seed(1); base = DiscretizedLogisticMixture.sample(VDVAEMixture(10), params)
+    assert torch.equal(ours, base)
+
+
 # ---- the converter -------------------------------------------------------------------------------
 def test_converted_checkpoint_computes_the_official_loss(tmp_path):
     state = official_checkpoint()

@@ -45,8 +45,17 @@ import; without train_helpers the EMA falls back to the same update written here
 A step of the full model at batch 4 takes 7-8 s on one thread of an AMD EPYC with AVX-512 (15-25 s
 on an older AVX2 CPU): five rounds in float32 took three minutes there, the peak-RSS subprocesses
 one more.
+
+`--five-bit` checks only the 5-bit likelihood of FFHQ-256, in a second or two: the official
+`vae_helpers.discretized_mix_logistic_loss(..., low_bit=True)` on data.py's 5-bit target
+(8 floor(v / 8), scaled v / 127.5 - 1) against `VDVAEMixture(bits=5).log_prob` on the same random
+outputs and images; then, from the official function alone, the probabilities of one pixel
+summed over the 32 levels of its red channel (green and blue a spike on one level each), for a
+few red components: the official 5-bit likelihood is not normalised.
+
+    python tools/compare_vdvae_official.py --official /path/to/vdvae --five-bit
 """
-import argparse, json, statistics, subprocess, sys, time
+import argparse, json, math, statistics, subprocess, sys, time
 from dataclasses import replace
 from pathlib import Path
 import torch
@@ -59,6 +68,7 @@ from hvae_nb.convert import vdvae_state_dict  # noqa: E402
 from hvae_nb.distributions import DiagonalGaussian  # noqa: E402
 from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.train import make_ema  # noqa: E402
+from hvae_nb.vdvae import VDVAEMixture  # noqa: E402
 
 PRESET = 'vdvae_cifar10'
 
@@ -240,6 +250,47 @@ def fresh_process_rss(args, which: str) -> dict:
     return json.loads(lines[-1])
 
 
+FIVE_BIT_COMPONENTS = {   # red components, centre and scale in 8-bit units
+    'interior, 1 level wide': (96, 8), 'interior, 2.5 levels wide': (130, 20),
+    'narrow, in an overlap': (116.0, 0.12), 'near white': (245, 6),
+    'narrow, at white': (255, 0.5), 'wide, at white': (255, 40)}
+
+
+def five_bit_likelihood(path: str, seed: int = 0):
+    "The official 5-bit loss against ours, and the official probabilities summed over the levels."
+    sys.path.insert(0, str(Path(path).resolve()))
+    from vae_helpers import discretized_mix_logistic_loss      # imports numpy and torch only
+    generator = torch.Generator().manual_seed(seed)
+    out = 2 * torch.randn(4, 100, 8, 8, generator=generator)  # 10 components, RGB
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), generator=generator).float()
+    target = (torch.floor(pixels / 8) * 8 - 127.5) / 127.5     # data.py's 5-bit target
+    dims = 3 * 8 * 8
+    with torch.no_grad():
+        theirs = discretized_mix_logistic_loss(target.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1),
+                                               low_bit=True) * dims
+        ours = -VDVAEMixture(10, bits=5).log_prob(out, pixels / 255)
+    print(f"5-bit negative log-likelihood per image (nats), official {theirs.tolist()}")
+    print(f"{'':48s} ours {ours.tolist()}; largest difference "
+          f"{(ours - theirs).abs().max().item():.1e}")
+    levels = 8 * torch.arange(32.0)                             # the 8-bit values of the target
+    spike = dict(mean=128 / 127.5 - 1, log_scale=-7.0)          # green and blue: all on 128
+    print("The official probabilities of one pixel, summed over the 32 levels of red "
+          "(green and blue a spike on 128):")
+    for name, (centre, scale) in FIVE_BIT_COMPONENTS.items():
+        l = torch.tensor([0.0, centre / 127.5 - 1, math.log(scale / 127.5), 0.0,
+                          spike['mean'], spike['log_scale'], 0.0,
+                          spike['mean'], spike['log_scale'], 0.0])
+        x = torch.stack([levels, torch.full_like(levels, 128), torch.full_like(levels, 128)], 1)
+        with torch.no_grad():
+            log_p = -3 * discretized_mix_logistic_loss((x / 127.5 - 1).view(32, 1, 1, 3),
+                                                       l.expand(32, 10).reshape(32, 1, 1, 10),
+                                                       low_bit=True)
+            mine = VDVAEMixture(1, bits=5).log_prob(l.expand(32, 10).reshape(32, 10, 1, 1),
+                                                    (x / 255).view(32, 3, 1, 1))
+        print(f"  {name:26s} centre {centre:5.1f}, scale {scale:5.2f}: official "
+              f"{log_p.double().exp().sum().item():.4f}, ours {mine.double().exp().sum().item():.4f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--official', required=True, help='a checkout of openai/vdvae')
@@ -253,8 +304,11 @@ def main(argv=None):
                         help='build and time one side only (for its peak RSS)')
     parser.add_argument('--no-rss', action='store_true', help='skip the fresh-process RSS runs')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--five-bit', action='store_true',
+                        help="only the 5-bit likelihood (FFHQ-256's) against the official loss")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.five_bit: return five_bit_likelihood(args.official, args.seed)
     vae_module, hparams, update_ema = import_official(args.official)
     hparams.skip_threshold = -1        # every timed step takes the update
     preset = get_preset(PRESET)
