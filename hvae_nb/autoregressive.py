@@ -17,7 +17,7 @@ from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood, soft_clamp,
                                    sum_except_batch)
 from .configs import ModelConfig, check_choice, check_sizes, invalid, register_family
-from .vae import HierarchicalVAE, Group, Walk, LatentTrace, mlp
+from .vae import HierarchicalVAE, Group, Walk, mlp
 
 # %% ../nbs/09a_autoregressive.ipynb #1c4ddf4c
 class MaskedLinear(nn.Linear):
@@ -192,17 +192,12 @@ class NLayerVAE(HierarchicalVAE):
         unit = lambda g, d: DiagonalGaussian(g.mean[:, d:d + 1], g.log_scale[:, d:d + 1])
         groups = [Group(z[:, d:d + 1], unit(prior, d), unit(posterior, d) if place < keep else None)
                   for place, d in reversed(list(enumerate(order.tolist())))]     # bottom -> top
-        return Walk(groups, self.decoder(z))
-
-    def trace(self, x: Tensor, features=None) -> LatentTrace:
-        "The base class's trace on whole tensors, not one small group at a time: the same numbers."
-        posterior = DiagonalGaussian(*(self.bottom_up(x) if features is None else features))
-        z = posterior.rsample()
-        prior = self.prior.conditionals(z)
-        bottom_to_top = self.prior.order.flip(0)
-        kl = posterior.kl(prior)[:, bottom_to_top]
-        log_ratio = (prior.log_prob(z) - posterior.log_prob(z))[:, bottom_to_top]
-        return LatentTrace(self.likelihood.log_prob(self.decoder(z), x), kl, log_ratio)
+        terms = None
+        if keep == len(order):       # every layer's KL and log-ratio at once, not 64 small ones
+            bottom_to_top = order.flip(0)
+            terms = (posterior.kl(prior)[:, bottom_to_top],
+                     (prior.log_prob(z) - posterior.log_prob(z))[:, bottom_to_top])
+        return Walk(groups, self.decoder(z), terms)
 
 def gaussian_copy_vae(prior: GaussianMADE, scale: float, image_shape: tuple) -> NLayerVAE:
     """Proposition 1 with Gaussian latents: layer d's posterior N(x_d, scale^2), the prior `prior`

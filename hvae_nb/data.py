@@ -457,6 +457,14 @@ class ImageSet(Dataset):
         device."""
         return self.uint8(indices)
 
+    def mean(self, dim: int = 0, chunk: int = 4096) -> Tensor:
+        "The mean image (over the images: `dim` 0), in float32, read a chunk at a time."
+        if dim != 0: raise ValueError("an ImageSet's mean is over its images (dim 0)")
+        total = torch.zeros(self.shape, dtype=torch.float64)
+        for start in range(0, len(self), chunk):
+            total += self.uint8(slice(start, start + chunk)).double().sum(0)
+        return (total / (len(self) * self.scale)).float()
+
     def subset(self, rows) -> "ImageSet":
         "The images at `rows` (positions in this set), as a set of its own; nothing is read."
         positions = np.asarray(rows, dtype=np.int64)

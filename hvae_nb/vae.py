@@ -54,9 +54,11 @@ class Group:
 @dataclass
 class Walk:
     """What `top_down` returns: every group, bottom -> top, and the likelihood's parameters of
-    p(x | z)."""
+    p(x | z); and, when a family computes every group's KL and log-ratio at once (the layers of
+    chapter 09a are slices of one Gaussian), those as `terms`, each (B, G)."""
     groups: list[Group]
     params: Tensor
+    terms: tuple[Tensor, Tensor] | None = None
 
 @dataclass
 class LatentTrace:
@@ -161,7 +163,8 @@ class HierarchicalVAE(nn.Module, ABC):
         every group; `features`, the output of `bottom_up(x)`, are computed unless given."""
         features = self.bottom_up(x) if features is None else features
         walk = self.top_down(features, x.shape[0], self.num_groups)
-        kl, log_ratio = (torch.stack(t, 1) for t in zip(*(g.terms() for g in walk.groups)))
+        each_group = lambda: (torch.stack(t, 1) for t in zip(*(g.terms() for g in walk.groups)))
+        kl, log_ratio = walk.terms or each_group()
         return LatentTrace(self.likelihood.log_prob(walk.params, x), kl, log_ratio)
 
     def forward(self, x: Tensor, beta: float = 1.0, free_bits: float = 0.0) -> VAEOutput:
