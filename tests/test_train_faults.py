@@ -1,0 +1,146 @@
+"""Faults of the paths a GPU run takes, reproduced on a CPU by injecting what the GPU path does, and the smaller
+faults of the trainer and the benchmark: each of these tests failed before its fix.
+
+- fp16: a GradScaler (the CPU one, put where Accelerate puts CUDA's) and a skipped update;
+- an evaluation during training must leave every parameter and buffer (batch norm's running statistics) unchanged;
+- several processes share an evaluation and get the number one process gets (two CPU ranks);
+- the logged learning rate is the one the step was taken at; the time budget counts every resume;
+- monitoring uses validation images, never the test split; batch norms can be synchronised across processes;
+- the benchmark's MFU divides by a peak measured in the run's precision."""
+import json, math, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hvae_nb.configs import apply_overrides  # noqa: E402
+from hvae_nb.data import load_data  # noqa: E402
+from hvae_nb.presets import get_preset  # noqa: E402
+from hvae_nb.runs import Run  # noqa: E402
+from hvae_nb import train as train_module  # noqa: E402
+from hvae_nb.train import (batch_preparer, build_model, make_ema, make_optimizer, monitoring_split,  # noqa: E402
+                           save_sample_grid, shared_nll, step_micro_batches, train_step)
+
+
+def environment(**extra):
+    return dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', MPLBACKEND='Agg', **extra)
+
+
+def test_fp16_survives_a_skipped_update():
+    "A skipped update must still end the GradScaler's iteration, or the next unscale_() raises."
+    torch.manual_seed(0)
+    preset = get_preset('vae_digits')
+    recipe = apply_overrides(preset, {'skip_threshold': '1e-9'}).train        # every update is skipped
+    data = load_data('digits')
+    accelerator = Accelerator(cpu=True, mixed_precision='fp16')
+    model = preset.model.build()
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, recipe))
+    # what Accelerate sets up on a GPU for fp16: a gradient scaler that the backward scales with and
+    # clip_grad_norm_ unscales through
+    accelerator.scaler = optimizer.scaler = torch.amp.GradScaler('cpu')
+    accelerator.native_amp = True
+    prepare = batch_preparer(data, recipe)
+    try:
+        for step in range(3):
+            record = train_step(model, optimizer, step_micro_batches(data.train, step, recipe), prepare, step, 1.0,
+                                recipe, accelerator)
+            assert record['skipped_update']
+    finally:                      # Accelerate's state is one per process: the other tests want no fp16
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_an_evaluation_during_training_leaves_every_weight_and_buffer_unchanged(tmp_path):
+    torch.manual_seed(0)
+    preset = get_preset('lvae_digits')                  # batch norm: running statistics that move in train mode
+    model = build_model(preset).train()
+    ema = make_ema(model, 0.99)
+    data = load_data('digits')
+    monitor, _ = monitoring_split(data, 50)
+    for evaluated in (model, ema.module):
+        before = {key: value.clone() for key, value in evaluated.state_dict().items()}
+        shared_nll(evaluated, monitor, 5)
+        save_sample_grid(evaluated, tmp_path / 'grid.png')
+        after = evaluated.state_dict()
+        changed = [key for key in before if not torch.equal(before[key], after[key])]
+        assert changed == [], changed
+    assert model.training                                 # and the mode is restored
+
+
+def test_monitoring_uses_validation_images_never_the_test_split():
+    digits = load_data('digits')                          # no validation split: held out of training
+    monitor, trained_on = monitoring_split(digits, 100)
+    assert len(monitor) == 100 and len(trained_on) == 1400
+    kept = set(trained_on.rows.tolist())
+    held = sorted(set(range(1500)) - kept)                      # the 100 images left out of training ...
+    assert len(held) == 100 and len(kept) == 1400
+    # ... are the ones monitored, binarised once as the test split is
+    from hvae_nb.data import fixed_binarization
+    assert torch.equal(monitor[:], fixed_binarization(digits.train.subset(held), 1234)[:])
+    with_valid = load_data('binarized_mnist') if (Path(os.environ.get('HVAE_DATA', '')) / 'binarized_mnist').is_dir() \
+        else None
+    if with_valid is not None:                             # a validation split: a subset of it, training untouched
+        monitor, trained_on = monitoring_split(with_valid, 100)
+        assert monitor.array is with_valid.valid.array and trained_on is with_valid.train
+
+
+def test_the_logged_rate_is_the_one_the_step_used_and_the_budget_counts_every_resume(tmp_path):
+    common = ['--preset', 'vdvae_digits', '--no-progress', '--override', 'log_every=1', 'eval_every=1000',
+              'final_eval_samples=2', 'keep_checkpoints=100']
+    train_module.main(common + ['--max-steps', '3', '--out', str(tmp_path / 'run')])
+    steps = {r['step']: r['lr'] for r in Run.open(tmp_path / 'run').metrics() if 'loss' in r}
+    # a linear warm-up over 100 steps: step k + 1 is taken at 2e-3 (1/100 + (1 - 1/100) k / 100), so step 1 at
+    # 2e-5, not at step 2's rate
+    warm = lambda k: 2e-3 * (0.01 + 0.99 * k / 100)
+    assert steps[1] == pytest.approx(warm(0)) and steps[2] == pytest.approx(warm(1))
+    # a budget of 3 s: the first run uses it; resumed with more steps, the run stops again at once
+    budget = common + ['--override', 'max_minutes=0.05', '--max-steps', '100000', '--save-every', '100000']
+    train_module.main(budget + ['--out', str(tmp_path / 'timed')])
+    first = max(r['step'] for r in Run.open(tmp_path / 'timed').metrics() if 'loss' in r)
+    state = Run.train_state(Run(tmp_path / 'timed').checkpoints()[-1])
+    assert state['seconds'] > 3 and state['step'] == first
+    train_module.main(['--resume', str(tmp_path / 'timed'), '--max-steps', '200000', '--no-progress'])
+    resumed = max(r['step'] for r in Run.open(tmp_path / 'timed').metrics() if 'loss' in r)
+    assert resumed == first + 1, (first, resumed)            # one step, then the budget, counted in all, is spent
+
+
+def test_batch_norms_are_synchronised_across_processes_when_asked():
+    preset = apply_overrides(get_preset('lvae_digits'), {'sync_batch_norm': '1'})
+    kinds = lambda model: {type(m).__name__ for m in model.modules() if 'BatchNorm' in type(m).__name__}
+    assert kinds(build_model(preset, num_processes=2)) == {'SyncBatchNorm'}
+    assert kinds(build_model(preset, num_processes=1)) == {'BatchNorm1d'}      # one process: nothing to sync
+
+
+def test_two_processes_share_an_evaluation_and_get_one_process_number(tmp_path):
+    run_dir = tmp_path / 'run'
+    train_module.main(['--preset', 'vae_digits', '--max-steps', '20', '--no-progress', '--out', str(run_dir),
+                       '--override', 'eval_every=1000', 'final_eval_samples=2'])
+    options = ['--k', '7', '--batch-size', '30', '--no-figures', '--no-progress']
+    one = subprocess.run([sys.executable, '-m', 'hvae_nb.evaluate', str(run_dir), *options], capture_output=True,
+                         text=True, env=environment(), cwd=ROOT, timeout=300)
+    assert one.returncode == 0, one.stderr
+    single = Run.open(run_dir).evaluations()['test_k7_batch30']
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port',
+              '29531', '-m', 'hvae_nb.evaluate', str(run_dir), *options]
+    two = subprocess.run(launch, capture_output=True, text=True, env=environment(ACCELERATE_USE_CPU='1'), cwd=ROOT,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    shared = Run.open(run_dir).evaluations()['test_k7_batch30']
+    assert shared['processes'] == 2 and single['processes'] == 1
+    assert shared['nll_nats'] == single['nll_nats'] and shared['kl_per_group_nats'] == single['kl_per_group_nats']
+    assert two.stdout.count('test NLL') == 1                  # the main process reports
+
+
+def test_mfu_divides_by_a_peak_measured_in_the_run_precision(monkeypatch):
+    from hvae_nb import bench
+    asked = []
+    monkeypatch.setattr(bench, 'matmul_peak_flops', lambda device, dtype=torch.float32, **k: asked.append(dtype) or 1e12)
+    for precision, dtype in (('no', torch.float32), ('bf16', torch.bfloat16)):
+        result = bench.benchmark_preset(get_preset('vae_digits'), batch_size=8, steps=1, repeats=1, warmup=1,
+                                        budget_s=0.2, mixed_precision=precision)
+        assert asked[-1] == dtype and result['peak_dtype'] == str(dtype).replace('torch.', '')
+        assert result['mfu'] == pytest.approx(result['achieved_flops_per_s'] / 1e12)
