@@ -248,12 +248,36 @@ def _official_alias(name: str) -> str:
     last = name.rpartition('.')[2]
     return {'top_features': 'prior_ftr0'}.get(last, last)
 
+_ALIAS = '.weight_normalized'   # the official Conv2D's `weight_normalized`, saved by state_dict
+
+def _without_aliases(official: dict[str, Tensor], expected: dict[str, tuple],
+                    source) -> dict[str, Tensor]:
+    """`official` without the aliases the official `Conv2D` adds to a state dict: a convolution
+    without weight normalisation keeps `weight_normalized = weight`, the parameter itself, so
+    `state_dict()` lists it twice. An alias must be one of such a convolution and equal its weight,
+    else a RunError names it; older checkpoints have no aliases."""
+    kept = {}
+    for key, tensor in official.items():
+        if not key.endswith(_ALIAS): kept[key] = tensor; continue
+        module = key.removesuffix(_ALIAS)
+        plain = f'{module}.weight' in expected and f'{module}.log_weight_norm' not in expected
+        if not plain: kept[key] = tensor; continue          # refused below as not a tensor of ours
+        weight = official.get(f'{module}.weight')      # if absent, reported missing below
+        same = weight is None or (weight.shape == tensor.shape and torch.equal(weight, tensor))
+        if not same:
+            raise RunError(f"{source}: key {key!r} differs from {module + '.weight'!r}: the "
+                           "official code saves the two as one tensor; is the checkpoint "
+                           "damaged?")
+    return kept
+
 def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
                     source) -> dict[str, Tensor]:
     """Our state dict from an official NVAE one, whose keys and shapes must be those of the model's
-    official twin (`official_nvae_state`), else a RunError naming the first that is not. The
-    spectral regulariser's vectors keep the model's own values."""
+    official twin (`official_nvae_state`; the official aliases `….weight_normalized` may be there or
+    not), else a RunError naming the first that is not. The spectral regulariser's vectors keep the
+    model's own values."""
     expected = dict(official_nvae_state(official_flags(model.config)))
+    official = _without_aliases(official, expected, source)
     hint = "is the preset the checkpoint's?"
     missing = [key for key in expected if key not in official]
     if missing:

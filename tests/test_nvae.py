@@ -100,6 +100,10 @@ def official_checkpoint(path, command: dict, seed: int = 0, **changes) -> dict:
                    else torch.rand(shape, generator=generator) + 0.5 if key.endswith('running_var')
                    else 0.1 * torch.randn(shape, generator=generator))
              for key, shape in official_nvae_state(command)}
+    for key, tensor in list(state.items()):      # the official Conv2D's alias of a plain conv
+        module, _, last = key.rpartition('.')
+        plain = last == 'weight' and tensor.dim() == 4 and f'{module}.log_weight_norm' not in state
+        if plain: state[f'{module}.weight_normalized'] = tensor
     state.update(changes)
     torch.save({'epoch': 10, 'state_dict': {k: v for k, v in state.items() if v is not None},
                 'args': argparse.Namespace(**command), 'optimizer': {'state': {}, 'param_groups': []},
@@ -115,6 +119,7 @@ SMALL_COMMAND = dict(MNIST_COMMAND, num_channels_enc=8, num_channels_dec=12, num
 
 def test_converter_places_every_official_tensor(tmp_path):
     state = official_checkpoint(tmp_path / 'small.pt', SMALL_COMMAND)
+    state = {k: v for k, v in state.items() if not k.endswith('.weight_normalized')}
     config = nvae_config(SMALL_COMMAND, 'small')
     assert official_flags(config)['num_channels_dec'] == 12
     preset = replace(get_preset('nvae_mnist'), name='nvae_small', model=config)
@@ -146,7 +151,9 @@ def test_converter_infers_the_presets_and_refuses_what_it_does_not_know(tmp_path
             convert_nvae(tmp_path / f'{i}.pt', None, tmp_path / f'run{i}')
         assert message in str(refused.value) and '\n' not in str(refused.value)
     preset = replace(get_preset('nvae_mnist'), model=nvae_config(SMALL_COMMAND, 'small'))
+    alias = 'dec_tower.1._ops.0.conv.1.conv.0.weight_normalized'
     for changes, message in (({'enc0.1.bias': None}, "'enc0.1.bias' is missing"),
+                             ({alias: torch.zeros(288, 48, 1, 1)}, f"{alias!r} differs from"),
                              ({'stem.weight': torch.zeros(8, 1, 1, 1)}, 'has shape (8, 1, 1, 1)')):
         official_checkpoint(tmp_path / 'damaged.pt', SMALL_COMMAND, **changes)
         with pytest.raises(RunError) as refused: convert_nvae(tmp_path / 'damaged.pt', preset, tmp_path / 'damaged')
