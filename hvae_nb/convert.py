@@ -141,18 +141,22 @@ NVAE_FLAGS = {    # NVAEConfig field -> the official flag it stands for
     'postprocess_blocks': 'num_postprocess_blocks', 'postprocess_cells': 'num_postprocess_cells',
     'encoder_cells_per_group': 'num_cell_per_cond_enc',
     'decoder_cells_per_group': 'num_cell_per_cond_dec', 'flows_per_group': 'num_nf',
-    'spectral_weight': 'weight_decay_norm'}
+    'pixel_bits': 'num_x_bits', 'spectral_weight': 'weight_decay_norm'}
 # flags that older checkpoints may lack, with the official train.py's defaults
 NVAE_FLAG_DEFAULTS = dict(ada_groups=False, min_groups_per_scale=1, num_mixture_dec=10,
                           num_x_bits=8, weight_decay_norm=0.0, weight_decay_norm_anneal=False,
                           weight_decay_norm_init=10.0, arch_instance='res_mbconv')
-NVAE_DATASETS = {'mnist': dict(image_shape=(1, 28, 28), padding=2, likelihood='bernoulli'),
-                 'cifar10': dict(image_shape=(3, 32, 32), padding=0, likelihood='logistic_mixture')}
+_rgb = lambda size: dict(image_shape=(3, size, size), padding=0, likelihood='logistic_mixture')
+# the official --dataset -> our dataset, and the model's input (official get_input_size, num_output)
+NVAE_DATASETS = {'mnist': ('mnist', dict(image_shape=(1, 28, 28), padding=2,
+                                         likelihood='bernoulli')),
+                 'cifar10': ('cifar10', _rgb(32)), 'celeba_64': ('celeba64', _rgb(64)),
+                 'imagenet_32': ('imagenet32', _rgb(32)), 'celeba_256': ('celebahq256', _rgb(256)),
+                 'ffhq': ('ffhq256', _rgb(256))}
 NVAE_TRAINING_FIELDS = ('kl_balancing', 'spectral_weight', 'spectral_weight_start')
 NVAE_REQUIRED = (('arch_instance', 'res_mbconv', "the cells of --arch_instance res_mbconv"),
                  ('use_se', True, 'squeeze-and-excitation (--use_se)'),
-                 ('res_dist', True, 'the residual posterior (--res_dist)'),
-                 ('num_x_bits', 8, '8-bit pixels (--num_x_bits 8)'))
+                 ('res_dist', True, 'the residual posterior (--res_dist)'))
 
 def nvae_config(args: dict, source) -> NVAEConfig:
     """The NVAEConfig the official flags `args` describe; a ConfigError (one line) for a model
@@ -161,10 +165,11 @@ def nvae_config(args: dict, source) -> NVAEConfig:
     def refuse(flag, what):
         return ConfigError(f"{source} was trained with --{flag} {a.get(flag)!r}; hvae_nb converts "
                            f"NVAE models with {what}")
-    if a.get('dataset') not in NVAE_DATASETS: raise refuse('dataset', 'dataset mnist or cifar10')
+    if a.get('dataset') not in NVAE_DATASETS:
+        raise refuse('dataset', f"one of the datasets {', '.join(NVAE_DATASETS)}")
     for flag, value, what in NVAE_REQUIRED:
         if a.get(flag) != value: raise refuse(flag, what)
-    if a['dataset'] == 'cifar10' and a['num_mixture_dec'] < 2:
+    if a['dataset'] != 'mnist' and a['num_mixture_dec'] < 2:
         raise refuse('num_mixture_dec', 'a logistic mixture for RGB (--num_mixture_dec 2 or more)')
     missing = [flag for flag in NVAE_FLAGS.values() if flag not in a]
     if missing: raise ConfigError(f"{source}: its args lack --{missing[0]} ({len(missing)} lack)")
@@ -172,7 +177,8 @@ def nvae_config(args: dict, source) -> NVAEConfig:
     fields['adaptive_groups'] = int(bool(fields['adaptive_groups']))
     fields['spectral_weight_start'] = (a['weight_decay_norm_init'] if a['weight_decay_norm_anneal']
                                        else 0.0)
-    data = NVAE_DATASETS[a['dataset']]
+    if a['dataset'] == 'mnist': fields['pixel_bits'] = 8       # binary: the flag is for colours
+    _, data = NVAE_DATASETS[a['dataset']]
     try: return NVAEConfig(**data, num_mixtures=a['num_mixture_dec'], **fields)
     except ConfigError as e:
         raise ConfigError(f"{source}: its args describe no model hvae_nb builds: {e}") from None
@@ -183,12 +189,14 @@ def architecture_differences(a: NVAEConfig, b: NVAEConfig) -> list[str]:
             for f in dataclasses.fields(a)
             if f.name not in NVAE_TRAINING_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
 
-def nvae_preset(config: NVAEConfig, source) -> Preset:
-    "The catalogue's NVAE preset of `config`'s architecture, with `config` as its model."
+def nvae_preset(config: NVAEConfig, source, dataset: str | None = None) -> Preset:
+    """The catalogue's NVAE preset of `config`'s architecture, with `config` as its model; of those,
+    the one of `dataset` (ours) if there is one (CelebA-HQ-256 and FFHQ-256 share one)."""
     candidates = [p for p in PRESETS.values() if isinstance(p.model, NVAEConfig)]
-    for preset in candidates:
-        if not architecture_differences(preset.model, config):
-            return dataclasses.replace(preset, model=config)
+    same = [p for p in candidates if not architecture_differences(p.model, config)]
+    if same:
+        preset = next((p for p in same if p.dataset == dataset), same[0])
+        return dataclasses.replace(preset, model=config)
     closest = min(candidates, key=lambda p: (p.model.image_shape != config.image_shape,
                                              len(architecture_differences(config, p.model))))
     differences = '; '.join(architecture_differences(config, closest.model))
@@ -234,7 +242,7 @@ def nvae_module_names(config: NVAEConfig) -> list[tuple[str, str]]:
 
 def official_flags(config: NVAEConfig) -> dict:
     "The official flags of the NVAE of `config`: the inverse of `nvae_config`."
-    dataset = next((name for name, data in NVAE_DATASETS.items()
+    dataset = next((name for name, (_, data) in NVAE_DATASETS.items()
                     if all(getattr(config, field) == value for field, value in data.items())), None)
     if dataset is None:
         raise ConfigError(f"{config.image_shape} images, padding {config.padding}, likelihood "
@@ -312,7 +320,8 @@ def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path
         if args is None:
             raise ConfigError(f"{checkpoint} holds no args to infer the model from: name it with "
                               "--preset")
-        preset = nvae_preset(nvae_config(args, checkpoint), checkpoint)
+        dataset = NVAE_DATASETS.get(args.get('dataset'), (None,))[0]
+        preset = nvae_preset(nvae_config(args, checkpoint), checkpoint, dataset)
     elif preset.model.family != 'nvae':
         raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; an NVAE "
                           "checkpoint needs an nvae preset, e.g. nvae_mnist")

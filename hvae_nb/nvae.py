@@ -74,7 +74,17 @@ class DecoderCombiner(nn.Module):
 class NVAELogisticMixture(DiscretizedLogisticMixture):
     """Chapter 00's discretized logistic mixture for RGB, read from NVAE's output layout: M logits,
     then per colour channel M means, M log-scales (floored at -7) and M coupling coefficients
-    (NVAE's `DiscMixLogistic`)."""
+    (NVAE's `DiscMixLogistic`). With `bits` < 8 it scores the 8-bit pixels it is given at that
+    depth, on the levels k / (2^bits - 1), as NVAE's `--num_x_bits` (`quantize`)."""
+    def quantize(self, x: Tensor) -> Tensor:
+        """8-bit pixels v / 255 as the official train.py hands them to the model at `bits` bits
+        (`utils.pre_process`): floor(v / 2^(8 - bits)) / (2^bits - 1); at 8 bits, unchanged."""
+        if self.levels == 255: return x
+        return torch.floor(torch.round(255 * x) / (256 // (self.levels + 1))) / self.levels
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return super().log_prob(params, self.quantize(x))
+
     def num_params(self, channels: int) -> int:
         if channels != 3: raise ValueError(f"NVAE's mixture is for RGB, not {channels} channels")
         return self.num_mixtures * (1 + 3 * channels)
@@ -108,6 +118,7 @@ class NVAEConfig(ModelConfig):
     encoder_cells_per_group: int = 2   # --num_cell_per_cond_enc
     decoder_cells_per_group: int = 2   # --num_cell_per_cond_dec
     flows_per_group: int = 0           # --num_nf: pairs of flow cells per group (chapter 07)
+    pixel_bits: int = 8                # --num_x_bits: bits per colour the mixture scores (5, 8)
     kl_balancing: int = 1              # 1: KL balancing while the KL weight is below 1; 0: off
     spectral_weight: float = 0.0       # --weight_decay_norm: lambda of both penalties; 0: off
     spectral_weight_start: float = 0.0 # --weight_decay_norm_init: lambda at beta = 0; 0: fixed
@@ -121,6 +132,7 @@ class NVAEConfig(ModelConfig):
                             'postprocess_cells', 'encoder_cells_per_group',
                             'decoder_cells_per_group')
         check_positive_ints(self, 'padding', 'flows_per_group', minimum=0)
+        check_choice(self, 'pixel_bits', tuple(range(1, 9)))
         check_choice(self, 'adaptive_groups', (0, 1))
         check_choice(self, 'kl_balancing', (0, 1))
         check_number(self, 'spectral_weight', 0)
@@ -139,6 +151,8 @@ class NVAEConfig(ModelConfig):
                           "one-group NVAE is a separate path of the official code)")
         if self.likelihood == 'logistic_mixture' and c != 3:
             raise invalid(self, 'likelihood', "'bernoulli' for images that are not RGB")
+        if self.pixel_bits != 8 and self.likelihood != 'logistic_mixture':
+            raise invalid(self, 'pixel_bits', "8 for a Bernoulli likelihood (binary pixels)")
 
     @property
     def groups(self) -> list[int]:
@@ -222,8 +236,10 @@ class NVAE(HierarchicalVAE):
             make_cell('up_post' if i == 0 else 'normal_post', dec * 2 ** (block + (i == 0)))
             for block in reversed(range(config.postprocess_blocks)) for i in range(post_cells)))
         rgb = config.likelihood == 'logistic_mixture'
-        self.likelihood = (NVAELogisticMixture(config.num_mixtures) if rgb
+        self.likelihood = (NVAELogisticMixture(config.num_mixtures, config.pixel_bits) if rgb
                            else make_likelihood('bernoulli'))
+        # the encoder reads the pixels at the likelihood's bit depth, as the official model does
+        self.pixels = self.likelihood.quantize if rgb else nn.Identity()
         outputs = self.likelihood.num_params(c)
         self.output_head = nn.Sequential(nn.ELU(), WeightNormConv2d(dec, outputs, 3, padding=1))
         self.register_buffer('kl_sizes', kl_balance_sizes(config.groups), persistent=False)
@@ -240,7 +256,7 @@ class NVAE(HierarchicalVAE):
     def bottom_up(self, x: Tensor) -> list[Tensor]:
         "The encoder's feature of every group, top-down: its state after the group's cells."
         p = self.config.padding
-        h = self.preprocess(self.stem(2 * F.pad(x, (p, p, p, p)) - 1))
+        h = self.preprocess(self.stem(2 * F.pad(self.pixels(x), (p, p, p, p)) - 1))
         features = [None] * len(self.scale_of)
         for d in reversed(range(len(self.scale_of))):
             if d + 1 < len(self.scale_of) and self.scale_of[d] < self.scale_of[d + 1]:
@@ -327,7 +343,8 @@ def official_nvae_state(args: dict, buffers: bool = True) -> list[tuple[str, tup
     scales, flows = a['num_latent_scales'], a['num_nf']
     groups = groups_per_scale(scales, a['num_groups_per_scale'], a['ada_groups'],
                               a['min_groups_per_scale'])
-    image_channels, size = (1, 32) if a['dataset'] in ('mnist', 'omniglot') else (3, 32)
+    image_channels = 1 if a['dataset'] in ('mnist', 'omniglot') else 3
+    size = {'celeba_64': 64, 'celeba_256': 256, 'ffhq': 256}.get(a['dataset'], 32)
     top = size // 2 ** (a['num_preprocess_blocks'] + scales - 1)
     entries.append(('prior_ftr0', (dec * 2 ** (a['num_preprocess_blocks'] + scales - 1), top, top)))
     conv('stem', enc, image_channels, 3)

@@ -140,7 +140,7 @@ def test_converter_places_every_official_tensor(tmp_path):
 def test_converter_infers_the_presets_and_refuses_what_it_does_not_know(tmp_path):
     for name, command in (('nvae_mnist', MNIST_COMMAND), ('nvae_cifar10', CIFAR10_COMMAND)):
         assert nvae_preset(nvae_config(command, name), name).name == name
-    refusals = ((dict(MNIST_COMMAND, dataset='ffhq'), "--dataset 'ffhq'"),
+    refusals = ((dict(MNIST_COMMAND, dataset='lsun_church_64'), "--dataset 'lsun_church_64'"),
                 (dict(MNIST_COMMAND, arch_instance='mbconv_sep'), "--arch_instance 'mbconv_sep'"),
                 (dict(MNIST_COMMAND, res_dist=False), 'residual posterior'),
                 (dict(MNIST_COMMAND, num_channels_enc=64), 'no preset has'))
