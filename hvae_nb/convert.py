@@ -6,7 +6,7 @@
 __all__ = ['VDVAE_NAMES', 'CONVERTERS', 'NVAE_FLAGS', 'NVAE_FLAG_DEFAULTS', 'NVAE_DATASETS', 'NVAE_TRAINING_FIELDS',
            'NVAE_REQUIRED', 'read_checkpoint', 'official_vdvae_name', 'vdvae_state_dict', 'write_converted_run',
            'convert_vdvae', 'read_nvae_checkpoint', 'nvae_config', 'architecture_differences', 'nvae_preset',
-           'nvae_module_names', 'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
+           'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
 
 # %% ../nbs/14_convert.ipynb #8b148015
 import argparse, dataclasses, re, sys
@@ -17,7 +17,7 @@ from fastcore.imports import in_notebook
 from fastcore.script import Param
 from .vae import ConfigError
 from .presets import PRESETS, Preset, get_preset
-from .nvae import NVAEConfig, official_nvae_state
+from .nvae import NVAEConfig, official_layout
 from .configs import apply_overrides
 from .runs import (RunError, WEIGHTS_FILE, check_new_run_dir, create_run_dir,
                          read_run_config, save_weights, write_run_config)
@@ -190,13 +190,15 @@ def architecture_differences(a: NVAEConfig, b: NVAEConfig) -> list[str]:
             if f.name not in NVAE_TRAINING_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
 
 def nvae_preset(config: NVAEConfig, source, dataset: str | None = None) -> Preset:
-    """The catalogue's NVAE preset of `config`'s architecture, with `config` as its model; of those,
-    the one of `dataset` (ours) if there is one (CelebA-HQ-256 and FFHQ-256 share one)."""
+    """The catalogue's NVAE preset of `config`'s architecture and, when given, of `dataset` (ours:
+    CelebA-HQ-256 and FFHQ-256 share an architecture), with `config` as its model."""
     candidates = [p for p in PRESETS.values() if isinstance(p.model, NVAEConfig)]
     same = [p for p in candidates if not architecture_differences(p.model, config)]
+    preset = next((p for p in same if dataset in (None, p.dataset)), None)
+    if preset is not None: return dataclasses.replace(preset, model=config)
     if same:
-        preset = next((p for p in same if p.dataset == dataset), same[0])
-        return dataclasses.replace(preset, model=config)
+        raise ConfigError(f"{source}: no preset of dataset {dataset} has its architecture "
+                          f"({same[0].name} has, for {same[0].dataset}); name one with --preset")
     closest = min(candidates, key=lambda p: (p.model.image_shape != config.image_shape,
                                              len(architecture_differences(config, p.model))))
     differences = '; '.join(architecture_differences(config, closest.model))
@@ -205,41 +207,6 @@ def nvae_preset(config: NVAEConfig, source, dataset: str | None = None) -> Prese
                       "the model with --override")
 
 # %% ../nbs/14_convert.ipynb #4b0b5e6f
-def nvae_module_names(config: NVAEConfig) -> list[tuple[str, str]]:
-    "(our module, the official module) for every module of the NVAE of `config` with parameters."
-    counts = config.groups                            # finest first, as the official encoder walks
-    scales, groups = len(counts), sum(counts)
-    scale_of = [s for s, n in enumerate(counts[::-1]) for _ in range(n)]    # top-down, as ours
-    pairs = [('stem', 'stem'), ('encoder_top', 'enc0'), ('output_head', 'image_conditional')]
-    pairs += [(f'preprocess.{i}', f'pre_process.{i}')
-              for i in range(config.preprocess_blocks * config.preprocess_cells)]
-    pairs += [(f'postprocess.{i}', f'post_process.{i}')
-              for i in range(config.postprocess_blocks * config.postprocess_cells)]
-    tower, bottom = 0, 0
-    for s, count in enumerate(counts):                # the encoder, bottom-up
-        for _ in range(count):
-            d = groups - 1 - bottom
-            for c in range(config.encoder_cells_per_group):
-                pairs.append((f'encoder_cells.{d}.{c}', f'enc_tower.{tower}')); tower += 1
-            if d > 0:
-                pairs.append((f'encoder_combiners.{d - 1}', f'enc_tower.{tower}')); tower += 1
-            bottom += 1
-        if s < scales - 1:
-            pairs.append((f'encoder_downs.{scales - 2 - s}', f'enc_tower.{tower}')); tower += 1
-    tower = 0
-    for d in range(groups):                           # the decoder, top-down
-        pairs.append((f'posterior_heads.{d}', f'enc_sampler.{d}'))
-        pairs += [(f'flows.{d}.{n}', f'nf_cells.{d * config.flows_per_group + n}')
-                  for n in range(config.flows_per_group)]
-        if d > 0:
-            pairs.append((f'prior_heads.{d - 1}', f'dec_sampler.{d - 1}'))
-            if scale_of[d] > scale_of[d - 1]:
-                pairs.append((f'decoder_ups.{scale_of[d - 1]}', f'dec_tower.{tower}')); tower += 1
-            for c in range(config.decoder_cells_per_group):
-                pairs.append((f'decoder_cells.{d - 1}.{c}', f'dec_tower.{tower}')); tower += 1
-        pairs.append((f'decoder_combiners.{d}', f'dec_tower.{tower}')); tower += 1
-    return pairs
-
 def official_flags(config: NVAEConfig) -> dict:
     "The official flags of the NVAE of `config`: the inverse of `nvae_config`."
     dataset = next((name for name, (_, data) in NVAE_DATASETS.items()
@@ -250,11 +217,6 @@ def official_flags(config: NVAEConfig) -> dict:
     flags = {flag: getattr(config, name) for name, flag in NVAE_FLAGS.items()}
     return dict(flags, dataset=dataset, ada_groups=bool(config.adaptive_groups),
                 num_mixture_dec=config.num_mixtures)
-
-def _official_alias(name: str) -> str:
-    "The last part of the official name of our tensor `name`."
-    last = name.rpartition('.')[2]
-    return {'top_features': 'prior_ftr0'}.get(last, last)
 
 _ALIAS = '.weight_normalized'   # the official Conv2D's `weight_normalized`, saved by state_dict
 
@@ -271,7 +233,8 @@ def _without_aliases(official: dict[str, Tensor], expected: dict[str, tuple],
         plain = f'{module}.weight' in expected and f'{module}.log_weight_norm' not in expected
         if not plain: kept[key] = tensor; continue          # refused below as not a tensor of ours
         weight = official.get(f'{module}.weight')      # if absent, reported missing below
-        same = weight is None or (weight.shape == tensor.shape and torch.equal(weight, tensor))
+        same = weight is None or weight is tensor or (weight.shape == tensor.shape
+                                                       and torch.equal(weight, tensor))
         if not same:
             raise RunError(f"{source}: key {key!r} differs from {module + '.weight'!r}: the "
                            "official code saves the two as one tensor; is the checkpoint "
@@ -281,10 +244,12 @@ def _without_aliases(official: dict[str, Tensor], expected: dict[str, tuple],
 def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
                     source) -> dict[str, Tensor]:
     """Our state dict from an official NVAE one, whose keys and shapes must be those of the model's
-    official twin (`official_nvae_state`; the official aliases `….weight_normalized` may be there or
-    not), else a RunError naming the first that is not. The spectral regulariser's vectors keep the
-    model's own values."""
-    expected = dict(official_nvae_state(official_flags(model.config)))
+    official twin (chapter 08's `official_layout`; the official aliases `….weight_normalized` may be
+    there or not), else a RunError naming the first that is not. The spectral regulariser's vectors
+    keep the model's own values."""
+    ours = model.state_dict()
+    layout = official_layout(model)
+    expected = {theirs: tuple(ours[mine].shape) for theirs, mine in layout}
     official = _without_aliases(official, expected, source)
     hint = "is the preset the checkpoint's?"
     missing = [key for key in expected if key not in official]
@@ -298,17 +263,10 @@ def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
         if tuple(official[key].shape) != shape:
             raise RunError(f"{source}: key {key!r} has shape {tuple(official[key].shape)}, the "
                            f"preset's model expects {shape}")
-    ours = model.state_dict()
     state = dict(ours)
-    under = lambda names, prefix: [n for n in names if n == prefix or n.startswith(prefix + '.')]
-    for mine, theirs in [('top_features', 'prior_ftr0')] + nvae_module_names(model.config):
-        names = under(ours, mine)
-        keys = under(expected, theirs)
-        # the same tensors in the same order (chapter 05): a mismatch is a bug of the converter
-        assert [_official_alias(n) for n in names] == [k.rpartition('.')[2] for k in keys], mine
-        for name, key in zip(names, keys):
-            state[name] = official[key].reshape(ours[name].shape).to(ours[name].dtype)
+    for theirs, mine in layout: state[mine] = official[theirs].to(ours[mine].dtype)
     return state
+
 
 # %% ../nbs/14_convert.ipynb #0ef67922
 def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path:

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tools'))
 
 from compare_nvae_official import PRESETS, fixture_images, fixture_tensors  # noqa: E402
-from hvae_nb.convert import (convert_nvae, nvae_config, nvae_preset, nvae_state_dict,  # noqa: E402
-                             read_nvae_checkpoint)
+from hvae_nb.convert import (NVAE_DATASETS, convert_nvae, nvae_config, nvae_preset,  # noqa: E402
+                             nvae_state_dict, read_nvae_checkpoint)
 from hvae_nb.presets import get_preset  # noqa: E402
 from hvae_nb.runs import RunError, from_pretrained  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_convert_accepts_the_official_checkpoint_and_infers_the_preset(name, tmp
     save_as_train_py(tmp_path / 'checkpoint.pt', entry['args'], state)
     official, args = read_nvae_checkpoint(tmp_path / 'checkpoint.pt')
     assert len(official) == len(entry['state']) and args == entry['args']
-    preset = nvae_preset(nvae_config(args, name), name)
+    preset = nvae_preset(nvae_config(args, name), name, NVAE_DATASETS[name][0])
     assert preset.name == PRESETS[name]
     with torch.device('meta'): model = preset.model.build()
     placed = nvae_state_dict(official, model, name)
