@@ -16,7 +16,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from fastcore.imports import in_notebook
 from fastcore.script import Param, store_true
-from .data import DataError, fixed_binarization, random_subset, show_images
+from .data import DataError, ImageSet, fixed_binarization, random_subset, show_images
 from .distributions import nats_to_bits_per_dim
 from .vae import ConfigError, evaluating, likelihood_terms
 from .diagnostics import active_units, plot_kl_and_active_units
@@ -27,10 +27,13 @@ from .cli import default_device, parse_arguments, run_command
 
 # %% ../nbs/12_evaluate.ipynb #5209a53a
 def evaluation_images(preset: Preset, split: str, max_examples: int | None, seed: int,
-                      data_dir=None) -> tuple[torch.Tensor, int]:
-    "The images to evaluate on, as the model is trained on them, and the size of the whole split."
+                      data_dir=None) -> tuple[ImageSet, int]:
+    """The images to evaluate on, as the model is trained on them (uint8 at rest, float a batch at a
+    time), and the size of the whole split."""
     data = load_preset_data(preset, data_dir)
-    images = data.test if split == 'test' else data.train
+    images = dict(test=data.test, train=data.train, valid=data.valid)[split]
+    if images is None:
+        raise DataError(f"dataset {preset.dataset!r} has no validation split: --split test or train")
     chosen = random_subset(images, max_examples, seed)
     if split == 'train' and data.dynamic_binarization: chosen = fixed_binarization(chosen, seed)
     return chosen, len(images)
@@ -146,8 +149,8 @@ def plot_training_curves(records: list[dict]):
 def check_options(k: int, split: str, batch_size: int, max_batch: int, max_examples: int | None,
                   device: str | None):
     if k < 1: raise ConfigError(f"--k must be at least 1, got {k}")
-    if split not in ('test', 'train'):
-        raise ConfigError(f"--split must be 'test' or 'train', got {split!r}")
+    if split not in ('test', 'valid', 'train'):
+        raise ConfigError(f"--split must be 'test', 'valid' or 'train', got {split!r}")
     if batch_size < 1 or max_batch < 1:
         raise ConfigError(f"--batch-size and --max-batch must be positive, got {batch_size} and "
                           f"{max_batch}")
@@ -177,7 +180,8 @@ def save_figures(model, images: torch.Tensor, kl_per_group: torch.Tensor, active
     """The four figures of an evaluation (`FIGURE_NAMES`) as PNG files in `folder`; the training
     curves only when there are metrics."""
     folder.mkdir(parents=True, exist_ok=True)
-    reconstructions = plot_reconstructions(model, random_subset(images, 10, seed), seed=seed)
+    shown = random_subset(images, 10, seed)[:]    # ten images, as float
+    reconstructions = plot_reconstructions(model, shown, seed=seed)
     diagnostics = plot_kl_and_active_units(kl_per_group, active, title=title)[0].figure
     saved = [save_figure(plot_samples(model, seed=seed), folder / 'samples.png'),
              save_figure(reconstructions, folder / 'reconstructions.png'),
@@ -221,7 +225,7 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
 # %% ../nbs/12_evaluate.ipynb #03fbe43b
 def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", str),
                      k: int = 1000,                    # importance samples per image
-                     split: str = 'test',              # test or train
+                     split: str = 'test',              # test, valid or train
                      batch_size: int = 100,            # images per batch
                      max_examples: int = None,         # evaluate a random subset (seeded)
                      weights: str = 'model.safetensors', # file in RUN_DIR (final; EMA if on)

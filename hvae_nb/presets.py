@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import difflib, math
 from pathlib import Path
 import torch
-from .data import DATASETS, DataError, ImageData, load_data
+from .data import DATASET_NAME, DATASETS, DataError, ImageData, load_data
 from .vae import (ConfigError, ModelConfig, VAEConfig, check_choice, check_number,
                          check_positive_ints, invalid)
 from .lvae import LVAEConfig
@@ -44,6 +44,8 @@ class TrainConfig:
     skip_threshold: float = 0.0
     ema_decay: float = 0.0            # exponential moving average of the weights; 0 = off
     grad_accum: int = 1               # micro-steps per optimiser step
+    num_workers: int = 0              # loader worker processes per process; 0: read in the loop
+    horizontal_flip: float = 0.0      # probability of mirroring a training image (NVAE); 0 = off
     eval_every: int = 500
     eval_examples: int = 500          # seeded random test subset for evaluations during training
     eval_samples: int = 100           # importance samples for evaluations during training
@@ -60,7 +62,7 @@ class TrainConfig:
                             'eval_examples', 'eval_samples', 'final_eval_samples', 'save_every',
                             'keep_checkpoints', 'log_every')
         check_positive_ints(self, 'lr_warmup_steps', 'kl_warmup_steps', 'kl_warmup_hold_steps',
-                            'seed', minimum=0)
+                            'seed', 'num_workers', minimum=0)
         check_number(self, 'lr', 0, 10, open_low=True)
         check_choice(self, 'optimizer', tuple(OPTIMIZERS))
         for name in ('weight_decay', 'free_bits', 'grad_clip', 'skip_threshold', 'max_minutes'):
@@ -68,6 +70,7 @@ class TrainConfig:
         check_number(self, 'min_lr_ratio', 0, 1)
         check_number(self, 'optimizer_eps', 0, 1, open_low=True)
         check_number(self, 'kl_warmup_floor', 0, 1)
+        check_number(self, 'horizontal_flip', 0, 1)
         check_number(self, 'ema_decay', 0, 0.999999)
         check_number(self, 'adam_beta2', 0, 0.999999)
 
@@ -81,7 +84,10 @@ class Preset:
     description: str = ''
 
     def __post_init__(self):
-        check_choice(self, 'dataset', tuple(DATASETS))
+        if self.dataset not in DATASETS and not (isinstance(self.dataset, str)
+                                                 and DATASET_NAME.fullmatch(self.dataset)):
+            raise invalid(self, 'dataset', f"one of {', '.join(DATASETS)}, or the name of a "
+                          "dataset packed by python -m hvae_nb.data pack")
         if not isinstance(self.model, ModelConfig):
             raise invalid(self, 'model', 'a ModelConfig of some family')
 

@@ -20,10 +20,13 @@ from hvae_nb.data import (DATASETS, DataError, ImageData, binarize, download_fil
                           load_binarized_mnist, load_cifar10, load_data, load_digits_images, load_mnist,
                           read_idx, resolve_data_dir)
 
-REAL_DATA = Path(os.environ.get("HVAE_DATA") or "/work/shared/data")
-needs_mnist = pytest.mark.skipif(not (REAL_DATA/"mnist").is_dir(), reason=f"no MNIST files in {REAL_DATA}/mnist")
+# The project's data setting: $HVAE_DATA (CI sets it), else the shared data folder beside the repository's checkout.
+REAL_DATA = Path(os.environ.get("HVAE_DATA") or Path(__file__).resolve().parents[2]/"shared"/"data")
+needs_mnist = pytest.mark.skipif(not (REAL_DATA/"mnist").is_dir(),
+                                 reason=f"no MNIST files in {REAL_DATA}/mnist (set HVAE_DATA to a folder holding mnist/)")
 needs_binarized = pytest.mark.skipif(not (REAL_DATA/"binarized_mnist"/"binarized_mnist_packed.npz").is_file(),
-                                     reason=f"no binarized_mnist_packed.npz in {REAL_DATA}/binarized_mnist")
+                                     reason=f"no binarized_mnist_packed.npz in {REAL_DATA}/binarized_mnist "
+                                            "(set HVAE_DATA to a folder holding binarized_mnist/)")
 
 
 # ---- writers for the official formats, independent of the code under test ----
@@ -101,11 +104,15 @@ def test_load_mnist_test_split():
 @needs_mnist
 def test_load_data_mnist_grey_train_binary_test():
     data = load_data("mnist", data_dir=REAL_DATA)
-    assert data.train.shape == (60000, 1, 28, 28) and data.test.shape == (10000, 1, 28, 28)
-    assert data.train.dtype == torch.float32 and data.dynamic_binarization and data.likelihood == "bernoulli"
+    assert (len(data.train), len(data.test), data.shape) == (60000, 10000, (1, 28, 28))
+    assert data.train.array.dtype == np.uint8 and data.test.array.dtype == np.uint8   # bytes at rest
+    assert data.train[:100].dtype == torch.float32 and data.dynamic_binarization and data.likelihood == "bernoulli"
     assert len(data.train[:100].unique()) > 2  # grey levels kept for dynamic binarisation
-    assert set(data.test.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(data.test, load_data("mnist", data_dir=REAL_DATA, test_seed=0).test)
+    assert set(data.test[:].unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(data.test[:], load_data("mnist", data_dir=REAL_DATA, test_seed=0).test[:])
+    # the test bits are one draw over the whole split's grey levels, whatever the chunks they were drawn in
+    grey = torch.from_numpy(load_mnist("test", data_dir=REAL_DATA)[0]).float() / 255
+    assert torch.equal(data.test[:], torch.bernoulli(grey, generator=torch.Generator().manual_seed(0)))
 
 
 # ---- fixed binarised MNIST ----
@@ -123,10 +130,12 @@ def test_binarized_mnist_shapes_and_mean(split, rows, mean):
 def test_binarized_mnist_trainval_adds_the_validation_split():
     plain = load_data("binarized_mnist", data_dir=REAL_DATA)
     full = load_data("binarized_mnist_trainval", data_dir=REAL_DATA)
-    valid = torch.from_numpy(load_binarized_mnist("valid", data_dir=REAL_DATA)).float()
-    assert plain.train.shape == (50000, 1, 28, 28) and full.train.shape == (60000, 1, 28, 28)
-    assert torch.equal(full.train[:50000], plain.train) and torch.equal(full.train[50000:], valid)
-    assert torch.equal(full.test, plain.test) and not full.dynamic_binarization and full.likelihood == "bernoulli"
+    valid = load_binarized_mnist("valid", data_dir=REAL_DATA)
+    assert (len(plain.train), len(full.train), plain.shape, full.shape) == (50000, 60000, (1, 28, 28), (1, 28, 28))
+    assert np.array_equal(full.train.array[:50000], plain.train.array) and np.array_equal(full.train.array[50000:], valid)
+    assert np.array_equal(plain.valid.array, valid) and full.valid is None
+    assert np.array_equal(full.test.array, plain.test.array) and not full.dynamic_binarization
+    assert full.likelihood == "bernoulli" and torch.equal(plain.test[:3], torch.from_numpy(plain.test.array[:3]).float())
 
 
 def test_binarized_mnist_wrong_shape_and_key(tmp_path):
@@ -163,8 +172,9 @@ def test_cifar10_from_extracted_folder(tmp_path):
     assert train_labels.tolist() == labels[:5].tolist()
     data = load_data("cifar10", data_dir=tmp_path)
     assert data.shape == (3, 32, 32) and data.dims == 3072 and data.likelihood == "logistic_mixture"
-    assert not data.dynamic_binarization and data.test.dtype == torch.float32
-    np.testing.assert_array_equal((data.test*255).round().to(torch.uint8).numpy(), images[5:])
+    assert not data.dynamic_binarization and data.test[:].dtype == torch.float32
+    np.testing.assert_array_equal(data.test.uint8(slice(None)).numpy(), images[5:])
+    np.testing.assert_array_equal((data.test[:]*255).round().to(torch.uint8).numpy(), images[5:])
 
 
 def test_cifar10_corrupt_record_length(tmp_path):
@@ -315,10 +325,10 @@ def test_digits_split_and_data():
     data = load_data("digits")
     assert isinstance(data, ImageData) and data.shape == (1, 8, 8) and data.dims == 64
     assert data.likelihood == "bernoulli" and data.dynamic_binarization
-    assert set(data.test.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(data.test, load_data("digits", test_seed=0).test)
+    assert set(data.test[:].unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(data.test[:], load_data("digits", test_seed=0).test[:])
     assert set(DATASETS) == {"digits", "mnist", "binarized_mnist", "binarized_mnist_trainval", "cifar10", "mnist8bit",
-                             "imagenet32", "imagenet64", "ffhq256", "ffhq1024"}
+                             "imagenet32", "imagenet64", "ffhq256", "ffhq1024", "celeba64", "celebahq256"}
 
 
 def test_binarize_is_bernoulli():

@@ -65,7 +65,8 @@ def train_cases(tmp_path, finished, corrupt_mnist):
         (['--override', 'ema_decay=1'], 'TrainConfig.ema_decay must be'),
         (['--override', 'model.hidden_dims=8,8'], 'LVAEConfig.hidden_dims must be the same length as latent_dims'),
         (['--override', 'model.latent_dims=4,0,2'], 'LVAEConfig.latent_dims must be a tuple'),
-        (['--override', 'dataset=imagenet'], "Preset.dataset must be one of 'digits'"),
+        (['--override', 'dataset=imagenet'], "unknown dataset 'imagenet': not built in (digits, mnist"),
+        (['--dataset', 'my pets/'], 'Preset.dataset must be one of digits, mnist'),
         (['--override', 'lr'], "override 'lr' is not of the form key=value"),
         # data: a missing, a non-directory and a corrupt data directory
         (['--preset', 'vae_mnist', '--data-dir', str(tmp_path / 'nothing')], 'does not exist'),

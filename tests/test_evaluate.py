@@ -57,10 +57,10 @@ def test_eval_json_and_figures(tiny_run):
     # the numbers, nats per image of 64 binary pixels: far below the same network untrained (about the coin
     # flips' 64 ln 2 = 44 nats), on the same images with the same k; and a negative ELBO below independent
     # pixels with the training frequencies, which a model whose latents carry nothing cannot beat
-    images, _ = evaluation_images(get_preset('vae_digits'), 'test', 60, seed=0)
+    images = evaluation_images(get_preset('vae_digits'), 'test', 60, seed=0)[0][:]   # the 60 images, as float
     torch.manual_seed(0)
     untrained = dataset_nll(get_preset('vae_digits').model.build(), images, num_samples=20)['nll_nats']
-    frequencies = load_data('digits').train.mean(0).clamp(1e-4, 1 - 1e-4)
+    frequencies = load_data('digits').train[:].mean(0).clamp(1e-4, 1 - 1e-4)
     independent_pixels = -(images * frequencies.log() + (1 - images) * (1 - frequencies).log()).sum((1, 2, 3))
     assert result['nll_nats'] < untrained - 10, (result['nll_nats'], untrained)
     assert result['neg_elbo_nats'] < independent_pixels.mean() - 1, (result['neg_elbo_nats'], independent_pixels.mean())
@@ -99,7 +99,7 @@ def test_same_seed_same_numbers_and_train_split(tiny_run, tmp_path):
     train = evaluate_run(run_dir, k=5, split='train', max_examples=30, figures=False, progress=False)
     assert (train['split'], train['num_examples'], train['split_size']) == ('train', 30, 1500)
     images, _ = evaluation_images(get_preset('vae_digits'), 'train', 30, seed=0)
-    assert set(images.unique().tolist()) <= {0.0, 1.0}     # grey training digits are binarised, like the test set
+    assert set(images[:].unique().tolist()) <= {0.0, 1.0}     # grey training digits are binarised, like the test set
 
 
 def test_subset_is_random_not_a_prefix():
@@ -139,7 +139,8 @@ def bad_input_cases(tiny_run: Path, broken: dict[str, Path]) -> list[tuple[tuple
             ((broken['mismatch'],), 'model expects'),
             ((tiny_run, '--weights', 'nothing.safetensors'), 'does not exist'),
             ((tiny_run, '--k', '0'), '--k must be at least 1'),
-            ((tiny_run, '--split', 'valid'), "--split must be 'test' or 'train'"),
+            ((tiny_run, '--split', 'validation'), "--split must be 'test', 'valid' or 'train'"),
+            ((tiny_run, '--split', 'valid'), "dataset 'digits' has no validation split"),
             ((tiny_run, '--max_examples', '-3'), '--max-examples must be positive')]
 
 IN_SUBPROCESS = 4

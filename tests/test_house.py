@@ -1,7 +1,8 @@
 """The import rules of the house (../shared/STYLE.md, 'The house as it grows'), read from the package's own imports.
 
 Floors, lowest first; an import only ever points down:
-1. the vocabulary and the parts (distributions, data, cells, spectral, residual_normal, iaf): they import only each other;
+1. the vocabulary and the parts (distributions, data, cells, spectral, residual_normal, iaf, and cli, the command lines'
+   one spelling of options and one-line errors, which `python -m hvae_nb.data` uses too): they import only each other;
 2. the interface and the loss (vae);
 3. the models (every module defining a `HierarchicalVAE` subclass) and diagnostics: they never import the catalogue,
    the run directory, the trainer, evaluation, the benchmark, the converter or a command line;
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'hvae_nb'
-PARTS = {'distributions', 'data', 'cells', 'spectral', 'residual_normal', 'iaf'}
+PARTS = {'distributions', 'data', 'cells', 'spectral', 'residual_normal', 'iaf', 'cli'}
 GENERIC = {'train', 'evaluate', 'diagnostics', 'bench', 'configs', 'runs', 'cli'}
 ABOVE_MODELS = {'presets', 'configs', 'runs', 'cli', 'train', 'evaluate', 'bench', 'convert'}
 

@@ -123,7 +123,7 @@ def test_non_finite_gradients_are_skipped_and_counted():
     from accelerate import Accelerator
     from hvae_nb.presets import get_preset
     from hvae_nb.data import load_data
-    from hvae_nb.train import train_step, make_optimizer
+    from hvae_nb.train import batch_preparer, make_optimizer, step_micro_batches, train_step
     preset = get_preset('vae_digits')
     data = load_data('digits')
     torch.manual_seed(0)
@@ -134,11 +134,14 @@ def test_non_finite_gradients_are_skipped_and_counted():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     first = next(model.parameters())
     hook = first.register_hook(lambda grad: grad * float('nan'))
-    record = train_step(model, optimizer, data.train, data.dynamic_binarization, 0, 1.0, preset.train, accelerator)
+    prepare = batch_preparer(data, preset.train)
+    record = train_step(model, optimizer, step_micro_batches(data.train, 0, preset.train), prepare, 0, 1.0, preset.train,
+                        accelerator)
     assert record['skipped_update'] and not math.isfinite(record['grad_norm'])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # weights unchanged
     hook.remove()
-    record = train_step(model, optimizer, data.train, data.dynamic_binarization, 1, 1.0, preset.train, accelerator)
+    record = train_step(model, optimizer, step_micro_batches(data.train, 1, preset.train), prepare, 1, 1.0, preset.train,
+                        accelerator)
     assert not record['skipped_update']
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -22,7 +22,7 @@ from hvae_nb.vae import evaluating
 def run_figure(run_dir: Path, out: Path, count: int = 16, seed: int = 0):
     preset, model, _ = load_run(run_dir, 'model.safetensors', 'cpu')
     images, _ = evaluation_images(preset, 'test', None, seed)
-    chosen = random_subset(images, count, seed)
+    chosen = random_subset(images, count, seed)[:]   # float images
     binary = preset.model.likelihood == 'bernoulli'
     what = 'Bernoulli means' if binary else 'samples of the mixture'
     with evaluating(model), torch.no_grad():
