@@ -29,7 +29,7 @@ from hvae_nb.runs import RunError, from_pretrained  # noqa: E402
 
 with gzip.open(ROOT / 'tests' / 'data' / 'nvae_official.json.gz', 'rt') as f: FIXTURE = json.load(f)
 CONFIGURATIONS = FIXTURE['configurations']
-CONVERTED = ['mnist', 'cifar10', 'imagenet_32', 'ffhq']   # README configurations with a preset
+CONVERTED = list(CONFIGURATIONS)     # every README configuration has its preset
 
 
 def save_as_train_py(path, args: dict, state: dict):

@@ -115,7 +115,7 @@ SMALL = """--dataset mnist --num_channels_enc 8 --num_channels_dec 12 --num_late
 # CelebA-HQ-256's command at 8 instead of 30 channels, 4 latent channels and 64 x 64 images
 # (--dataset celeba_64: the official code takes the image size from the dataset's name): its five
 # latent scales (36 groups), two flow pairs per group and 5-bit likelihood, at a size a CPU runs
-# in seconds; converted with --preset nvae_ffhq256 (CelebA-HQ-256's architecture) and overrides.
+# in seconds; converted with --preset nvae_celebahq256 and overrides.
 FIVE_BIT_CHANGES = '--num_channels_enc 8 --num_channels_dec 8 --num_latent_per_group 4'
 FIVE_BIT_SIZE = 64
 
@@ -648,7 +648,8 @@ def forward_cases(official) -> list[tuple]:
     overrides = {'model.image_shape': f'3,{FIVE_BIT_SIZE},{FIVE_BIT_SIZE}',
                  'model.encoder_channels': 8, 'model.decoder_channels': 8,
                  'model.latent_channels': 4}
-    cases.append(('CelebA-HQ-256 at 8 channels, 64x64, 5 bits', args, 'nvae_ffhq256', overrides))
+    cases.append(('CelebA-HQ-256 at 8 channels, 64x64, 5 bits', args, 'nvae_celebahq256',
+                  overrides))
     return cases
 
 
