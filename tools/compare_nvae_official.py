@@ -558,10 +558,11 @@ def our_step(preset, images: torch.Tensor, seed: int = 0):
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, make_optimizer(model, train))
     binary = preset.model.likelihood == 'bernoulli'
+    prepare = torch.bernoulli if binary else (lambda x: x)     # dynamic binarisation, as the data's
     steps = iter(range(10 ** 9))
 
     def step():
-        return train_step(model, optimizer, images, binary, next(steps), BETA, train,
+        return train_step(model, optimizer, [images], prepare, next(steps), BETA, train,
                           accelerator)['loss']
 
     def loss():
