@@ -149,6 +149,7 @@ def make_cell(kind: str, channels_in: int, channels_out: int | None = None) -> R
     if channels_out is not None and channels_out != cell.channels_out:
         raise ValueError(f"a {kind} cell maps {channels_in} channels to {cell.channels_out}, "
                          f"not {channels_out}")
+    cell.kind, cell.channels_in = kind, channels_in     # what the official layout of a cell needs
     return cell
 
 # %% ../nbs/05_cells.ipynb #b2da4048

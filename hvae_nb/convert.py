@@ -6,7 +6,7 @@
 __all__ = ['VDVAE_NAMES', 'CONVERTERS', 'NVAE_FLAGS', 'NVAE_FLAG_DEFAULTS', 'NVAE_DATASETS', 'NVAE_TRAINING_FIELDS',
            'NVAE_REQUIRED', 'read_checkpoint', 'official_vdvae_name', 'vdvae_state_dict', 'write_converted_run',
            'convert_vdvae', 'read_nvae_checkpoint', 'nvae_config', 'architecture_differences', 'nvae_preset',
-           'nvae_module_names', 'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
+           'official_flags', 'nvae_state_dict', 'convert_nvae', 'convert_command', 'main']
 
 # %% ../nbs/14_convert.ipynb #8b148015
 import argparse, dataclasses, re, sys
@@ -17,7 +17,7 @@ from fastcore.imports import in_notebook
 from fastcore.script import Param
 from .configs import ConfigError, Preset, apply_overrides, parse_overrides
 from .presets import PRESETS, get_preset
-from .nvae import NVAEConfig, official_nvae_state
+from .nvae import NVAEConfig, official_layout
 from .runs import Run, RunError
 from .cli import parse_arguments, run_command
 
@@ -137,18 +137,22 @@ NVAE_FLAGS = {    # NVAEConfig field -> the official flag it stands for
     'postprocess_blocks': 'num_postprocess_blocks', 'postprocess_cells': 'num_postprocess_cells',
     'encoder_cells_per_group': 'num_cell_per_cond_enc',
     'decoder_cells_per_group': 'num_cell_per_cond_dec', 'flows_per_group': 'num_nf',
-    'spectral_weight': 'weight_decay_norm'}
+    'pixel_bits': 'num_x_bits', 'spectral_weight': 'weight_decay_norm'}
 # flags that older checkpoints may lack, with the official train.py's defaults
 NVAE_FLAG_DEFAULTS = dict(ada_groups=False, min_groups_per_scale=1, num_mixture_dec=10,
                           num_x_bits=8, weight_decay_norm=0.0, weight_decay_norm_anneal=False,
                           weight_decay_norm_init=10.0, arch_instance='res_mbconv')
-NVAE_DATASETS = {'mnist': dict(image_shape=(1, 28, 28), padding=2, likelihood='bernoulli'),
-                 'cifar10': dict(image_shape=(3, 32, 32), padding=0, likelihood='logistic_mixture')}
+_rgb = lambda size: dict(image_shape=(3, size, size), padding=0, likelihood='logistic_mixture')
+# the official --dataset -> our dataset, and the model's input (official get_input_size, num_output)
+NVAE_DATASETS = {'mnist': ('mnist', dict(image_shape=(1, 28, 28), padding=2,
+                                         likelihood='bernoulli')),
+                 'cifar10': ('cifar10', _rgb(32)), 'celeba_64': ('celeba64', _rgb(64)),
+                 'imagenet_32': ('imagenet32', _rgb(32)), 'celeba_256': ('celebahq256', _rgb(256)),
+                 'ffhq': ('ffhq256', _rgb(256))}
 NVAE_TRAINING_FIELDS = ('kl_balancing', 'spectral_weight', 'spectral_weight_start')
 NVAE_REQUIRED = (('arch_instance', 'res_mbconv', "the cells of --arch_instance res_mbconv"),
                  ('use_se', True, 'squeeze-and-excitation (--use_se)'),
-                 ('res_dist', True, 'the residual posterior (--res_dist)'),
-                 ('num_x_bits', 8, '8-bit pixels (--num_x_bits 8)'))
+                 ('res_dist', True, 'the residual posterior (--res_dist)'))
 
 def nvae_config(args: dict, source) -> NVAEConfig:
     """The NVAEConfig the official flags `args` describe; a ConfigError (one line) for a model
@@ -157,10 +161,11 @@ def nvae_config(args: dict, source) -> NVAEConfig:
     def refuse(flag, what):
         return ConfigError(f"{source} was trained with --{flag} {a.get(flag)!r}; hvae_nb converts "
                            f"NVAE models with {what}")
-    if a.get('dataset') not in NVAE_DATASETS: raise refuse('dataset', 'dataset mnist or cifar10')
+    if a.get('dataset') not in NVAE_DATASETS:
+        raise refuse('dataset', f"one of the datasets {', '.join(NVAE_DATASETS)}")
     for flag, value, what in NVAE_REQUIRED:
         if a.get(flag) != value: raise refuse(flag, what)
-    if a['dataset'] == 'cifar10' and a['num_mixture_dec'] < 2:
+    if a['dataset'] != 'mnist' and a['num_mixture_dec'] < 2:
         raise refuse('num_mixture_dec', 'a logistic mixture for RGB (--num_mixture_dec 2 or more)')
     missing = [flag for flag in NVAE_FLAGS.values() if flag not in a]
     if missing: raise ConfigError(f"{source}: its args lack --{missing[0]} ({len(missing)} lack)")
@@ -168,7 +173,8 @@ def nvae_config(args: dict, source) -> NVAEConfig:
     fields['adaptive_groups'] = int(bool(fields['adaptive_groups']))
     fields['spectral_weight_start'] = (a['weight_decay_norm_init'] if a['weight_decay_norm_anneal']
                                        else 0.0)
-    data = NVAE_DATASETS[a['dataset']]
+    if a['dataset'] == 'mnist': fields['pixel_bits'] = 8       # binary: the flag is for colours
+    _, data = NVAE_DATASETS[a['dataset']]
     try: return NVAEConfig(**data, num_mixtures=a['num_mixture_dec'], **fields)
     except ConfigError as e:
         raise ConfigError(f"{source}: its args describe no model hvae_nb builds: {e}") from None
@@ -179,12 +185,16 @@ def architecture_differences(a: NVAEConfig, b: NVAEConfig) -> list[str]:
             for f in dataclasses.fields(a)
             if f.name not in NVAE_TRAINING_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
 
-def nvae_preset(config: NVAEConfig, source) -> Preset:
-    "The catalogue's NVAE preset of `config`'s architecture, with `config` as its model."
+def nvae_preset(config: NVAEConfig, source, dataset: str | None = None) -> Preset:
+    """The catalogue's NVAE preset of `config`'s architecture and, when given, of `dataset` (ours:
+    CelebA-HQ-256 and FFHQ-256 share an architecture), with `config` as its model."""
     candidates = [p for p in PRESETS.values() if isinstance(p.model, NVAEConfig)]
-    for preset in candidates:
-        if not architecture_differences(preset.model, config):
-            return dataclasses.replace(preset, model=config)
+    same = [p for p in candidates if not architecture_differences(p.model, config)]
+    preset = next((p for p in same if dataset in (None, p.dataset)), None)
+    if preset is not None: return dataclasses.replace(preset, model=config)
+    if same:
+        raise ConfigError(f"{source}: no preset of dataset {dataset} has its architecture "
+                          f"({same[0].name} has, for {same[0].dataset}); name one with --preset")
     closest = min(candidates, key=lambda p: (p.model.image_shape != config.image_shape,
                                              len(architecture_differences(config, p.model))))
     differences = '; '.join(architecture_differences(config, closest.model))
@@ -193,44 +203,9 @@ def nvae_preset(config: NVAEConfig, source) -> Preset:
                       "the model with --override")
 
 # %% ../nbs/14_convert.ipynb #4b0b5e6f
-def nvae_module_names(config: NVAEConfig) -> list[tuple[str, str]]:
-    "(our module, the official module) for every module of the NVAE of `config` with parameters."
-    counts = config.groups                            # finest first, as the official encoder walks
-    scales, groups = len(counts), sum(counts)
-    scale_of = [s for s, n in enumerate(counts[::-1]) for _ in range(n)]    # top-down, as ours
-    pairs = [('stem', 'stem'), ('encoder_top', 'enc0'), ('output_head', 'image_conditional')]
-    pairs += [(f'preprocess.{i}', f'pre_process.{i}')
-              for i in range(config.preprocess_blocks * config.preprocess_cells)]
-    pairs += [(f'postprocess.{i}', f'post_process.{i}')
-              for i in range(config.postprocess_blocks * config.postprocess_cells)]
-    tower, bottom = 0, 0
-    for s, count in enumerate(counts):                # the encoder, bottom-up
-        for _ in range(count):
-            d = groups - 1 - bottom
-            for c in range(config.encoder_cells_per_group):
-                pairs.append((f'encoder_cells.{d}.{c}', f'enc_tower.{tower}')); tower += 1
-            if d > 0:
-                pairs.append((f'encoder_combiners.{d - 1}', f'enc_tower.{tower}')); tower += 1
-            bottom += 1
-        if s < scales - 1:
-            pairs.append((f'encoder_downs.{scales - 2 - s}', f'enc_tower.{tower}')); tower += 1
-    tower = 0
-    for d in range(groups):                           # the decoder, top-down
-        pairs.append((f'posterior_heads.{d}', f'enc_sampler.{d}'))
-        pairs += [(f'flows.{d}.{n}', f'nf_cells.{d * config.flows_per_group + n}')
-                  for n in range(config.flows_per_group)]
-        if d > 0:
-            pairs.append((f'prior_heads.{d - 1}', f'dec_sampler.{d - 1}'))
-            if scale_of[d] > scale_of[d - 1]:
-                pairs.append((f'decoder_ups.{scale_of[d - 1]}', f'dec_tower.{tower}')); tower += 1
-            for c in range(config.decoder_cells_per_group):
-                pairs.append((f'decoder_cells.{d - 1}.{c}', f'dec_tower.{tower}')); tower += 1
-        pairs.append((f'decoder_combiners.{d}', f'dec_tower.{tower}')); tower += 1
-    return pairs
-
 def official_flags(config: NVAEConfig) -> dict:
     "The official flags of the NVAE of `config`: the inverse of `nvae_config`."
-    dataset = next((name for name, data in NVAE_DATASETS.items()
+    dataset = next((name for name, (_, data) in NVAE_DATASETS.items()
                     if all(getattr(config, field) == value for field, value in data.items())), None)
     if dataset is None:
         raise ConfigError(f"{config.image_shape} images, padding {config.padding}, likelihood "
@@ -239,17 +214,39 @@ def official_flags(config: NVAEConfig) -> dict:
     return dict(flags, dataset=dataset, ada_groups=bool(config.adaptive_groups),
                 num_mixture_dec=config.num_mixtures)
 
-def _official_alias(name: str) -> str:
-    "The last part of the official name of our tensor `name`."
-    last = name.rpartition('.')[2]
-    return {'top_features': 'prior_ftr0'}.get(last, last)
+_ALIAS = '.weight_normalized'   # the official Conv2D's `weight_normalized`, saved by state_dict
+
+def _without_aliases(official: dict[str, Tensor], expected: dict[str, tuple],
+                    source) -> dict[str, Tensor]:
+    """`official` without the aliases the official `Conv2D` adds to a state dict: a convolution
+    without weight normalisation keeps `weight_normalized = weight`, the parameter itself, so
+    `state_dict()` lists it twice. An alias must be one of such a convolution and equal its weight,
+    else a RunError names it; older checkpoints have no aliases."""
+    kept = {}
+    for key, tensor in official.items():
+        if not key.endswith(_ALIAS): kept[key] = tensor; continue
+        module = key.removesuffix(_ALIAS)
+        plain = f'{module}.weight' in expected and f'{module}.log_weight_norm' not in expected
+        if not plain: kept[key] = tensor; continue          # refused below as not a tensor of ours
+        weight = official.get(f'{module}.weight')      # if absent, reported missing below
+        same = weight is None or weight is tensor or (weight.shape == tensor.shape
+                                                       and torch.equal(weight, tensor))
+        if not same:
+            raise RunError(f"{source}: key {key!r} differs from {module + '.weight'!r}: the "
+                           "official code saves the two as one tensor; is the checkpoint "
+                           "damaged?")
+    return kept
 
 def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
                     source) -> dict[str, Tensor]:
     """Our state dict from an official NVAE one, whose keys and shapes must be those of the model's
-    official twin (`official_nvae_state`), else a RunError naming the first that is not. The
-    spectral regulariser's vectors keep the model's own values."""
-    expected = dict(official_nvae_state(official_flags(model.config)))
+    official twin (chapter 08's `official_layout`; the official aliases `….weight_normalized` may be
+    there or not), else a RunError naming the first that is not. The spectral regulariser's vectors
+    keep the model's own values."""
+    ours = model.state_dict()
+    layout = official_layout(model)
+    expected = {theirs: tuple(ours[mine].shape) for theirs, mine in layout}
+    official = _without_aliases(official, expected, source)
     hint = "is the preset the checkpoint's?"
     missing = [key for key in expected if key not in official]
     if missing:
@@ -262,17 +259,10 @@ def nvae_state_dict(official: dict[str, Tensor], model: torch.nn.Module,
         if tuple(official[key].shape) != shape:
             raise RunError(f"{source}: key {key!r} has shape {tuple(official[key].shape)}, the "
                            f"preset's model expects {shape}")
-    ours = model.state_dict()
     state = dict(ours)
-    under = lambda names, prefix: [n for n in names if n == prefix or n.startswith(prefix + '.')]
-    for mine, theirs in [('top_features', 'prior_ftr0')] + nvae_module_names(model.config):
-        names = under(ours, mine)
-        keys = under(expected, theirs)
-        # the same tensors in the same order (chapter 05): a mismatch is a bug of the converter
-        assert [_official_alias(n) for n in names] == [k.rpartition('.')[2] for k in keys], mine
-        for name, key in zip(names, keys):
-            state[name] = official[key].reshape(ours[name].shape).to(ours[name].dtype)
+    for theirs, mine in layout: state[mine] = official[theirs].to(ours[mine].dtype)
     return state
+
 
 # %% ../nbs/14_convert.ipynb #0ef67922
 def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path:
@@ -284,7 +274,8 @@ def convert_nvae(checkpoint: Path, preset: Preset | None, run_dir: Path) -> Path
         if args is None:
             raise ConfigError(f"{checkpoint} holds no args to infer the model from: name it with "
                               "--preset")
-        preset = nvae_preset(nvae_config(args, checkpoint), checkpoint)
+        dataset = NVAE_DATASETS.get(args.get('dataset'), (None,))[0]
+        preset = nvae_preset(nvae_config(args, checkpoint), checkpoint, dataset)
     elif preset.model.family != 'nvae':
         raise ConfigError(f"preset {preset.name!r} is a {preset.model.family!r} model; an NVAE "
                           "checkpoint needs an nvae preset, e.g. nvae_mnist")

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SOFT_CLAMP_BOUND', 'SCALE_FLOOR', 'groups_per_scale', 'nvae_normal', 'nvae_posterior', 'cells', 'EncoderCombiner',
            'DecoderCombiner', 'NVAELogisticMixture', 'NVAEConfig', 'kl_balance_sizes', 'kl_balance_weights',
-           'convolution_kernels', 'NVAE', 'official_nvae_state']
+           'convolution_kernels', 'FixedPrior', 'EncoderOnly', 'LatentGroup', 'NVAE', 'official_layout']
 
 # %% ../nbs/08_nvae.ipynb #14507183
 import math
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, DiscretizedLogisticMixture, make_likelihood,
                                    soft_clamp)
-from .cells import WeightNormConv2d, make_cell, official_cell_parameters
+from .cells import ResidualCell, WeightNormConv2d, make_cell, official_cell_parameters
 from .spectral import (SpectralRegularizer, annealed_weight, batchnorm_penalty,
                               regularised_layers, spectral_penalty)
 from .iaf import FlowPair, flow_posterior_sample
@@ -75,7 +75,17 @@ class DecoderCombiner(nn.Module):
 class NVAELogisticMixture(DiscretizedLogisticMixture):
     """Chapter 00's discretized logistic mixture for RGB, read from NVAE's output layout: M logits,
     then per colour channel M means, M log-scales (floored at -7) and M coupling coefficients
-    (NVAE's `DiscMixLogistic`)."""
+    (NVAE's `DiscMixLogistic`). With `bits` < 8 it scores the 8-bit pixels it is given at that
+    depth, on the levels k / (2^bits - 1), as NVAE's `--num_x_bits` (`quantize`)."""
+    def quantize(self, x: Tensor) -> Tensor:
+        """8-bit pixels v / 255 as the official train.py hands them to the model at `bits` bits
+        (`utils.pre_process`): floor(v / 2^(8 - bits)) / (2^bits - 1); at 8 bits, unchanged."""
+        if self.levels == 255: return x
+        return torch.floor(torch.round(255 * x) / (256 // (self.levels + 1))) / self.levels
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return super().log_prob(params, self.quantize(x))
+
     def num_params(self, channels: int) -> int:
         if channels != 3: raise ValueError(f"NVAE's mixture is for RGB, not {channels} channels")
         return self.num_mixtures * (1 + 3 * channels)
@@ -110,6 +120,7 @@ class NVAEConfig(ModelConfig):
     encoder_cells_per_group: int = 2   # --num_cell_per_cond_enc
     decoder_cells_per_group: int = 2   # --num_cell_per_cond_dec
     flows_per_group: int = 0           # --num_nf: pairs of flow cells per group (chapter 07)
+    pixel_bits: int = 8                # --num_x_bits: bits per colour the mixture scores (5, 8)
     kl_balancing: int = 1              # 1: KL balancing while the KL weight is below 1; 0: off
     spectral_weight: float = 0.0       # --weight_decay_norm: lambda of both penalties; 0: off
     spectral_weight_start: float = 0.0 # --weight_decay_norm_init: lambda at beta = 0; 0: fixed
@@ -123,6 +134,7 @@ class NVAEConfig(ModelConfig):
                             'postprocess_cells', 'encoder_cells_per_group',
                             'decoder_cells_per_group')
         check_positive_ints(self, 'padding', 'flows_per_group', minimum=0)
+        check_choice(self, 'pixel_bits', tuple(range(1, 9)))
         check_choice(self, 'adaptive_groups', (0, 1))
         check_choice(self, 'kl_balancing', (0, 1))
         check_number(self, 'spectral_weight', 0)
@@ -141,6 +153,8 @@ class NVAEConfig(ModelConfig):
                           "one-group NVAE is a separate path of the official code)")
         if self.likelihood == 'logistic_mixture' and c != 3:
             raise invalid(self, 'likelihood', "'bernoulli' for images that are not RGB")
+        if self.pixel_bits != 8 and self.likelihood != 'logistic_mixture':
+            raise invalid(self, 'pixel_bits', "8 for a Bernoulli likelihood (binary pixels)")
 
     @property
     def groups(self) -> list[int]:
@@ -174,6 +188,74 @@ def convolution_kernels(model: nn.Module) -> list[nn.Module]:
     (SE's), as the official code collects its `Conv2D`s and `ARConv2d`s only."""
     return regularised_layers(model, kinds=(nn.Conv2d,))
 
+# %% ../nbs/08_nvae.ipynb #af38c073
+class FixedPrior(nn.Module):
+    """The top group's prior head: raw (mean, log-scale) of zeros whatever the decoder state, which
+    NVAE's normal makes N(0, 1.01^2), the official `Normal` of zeros."""
+    def __init__(self, latent_channels: int):
+        super().__init__()
+        self.outputs = 2 * latent_channels
+    def forward(self, s: Tensor) -> Tensor:
+        return s.new_zeros(s.shape[0], self.outputs, *s.shape[2:])
+
+class EncoderOnly(nn.Module):
+    "The top group's posterior input: the encoder's feature alone, with no group above to combine."
+    def forward(self, h: Tensor, s: Tensor) -> Tensor: return h
+
+class LatentGroup(nn.Module):
+    """One latent group of NVAE and everything that belongs to it, at `encoder_channels` and
+    `decoder_channels`; `top` for the top group, `down` / `up` when it owns the down-sampling cell
+    before its encoder cells (the first of a coarser scale, bottom-up) or the up-sampling cell
+    before its decoder cells (the first of a finer scale, top-down)."""
+    def __init__(self, config: NVAEConfig, encoder_channels: int, decoder_channels: int,
+                 top: bool = False, down: bool = False, up: bool = False):
+        super().__init__()
+        enc, dec, latent = encoder_channels, decoder_channels, config.latent_channels
+        # the encoder's side, met bottom-up
+        self.down = make_cell('down_enc', enc // 2) if down else nn.Identity()
+        self.encoder_cells = cells('normal_enc', enc, config.encoder_cells_per_group)
+        self.encoder_top = (nn.Sequential(nn.ELU(), WeightNormConv2d(enc, enc, 1), nn.ELU())
+                            if top else nn.Identity())                         # NVAE's enc0
+        # the decoder's side, met top-down
+        self.up = make_cell('up_dec', 2 * dec) if up else nn.Identity()
+        self.decoder_cells = cells('normal_dec', dec, 0 if top else config.decoder_cells_per_group)
+        self.prior_head = (FixedPrior(latent) if top else
+                           nn.Sequential(nn.ELU(), WeightNormConv2d(dec, 2 * latent, 1)))
+        self.encoder_combiner = EncoderOnly() if top else EncoderCombiner(enc, dec)
+        self.posterior_head = WeightNormConv2d(enc, 2 * latent, 3, padding=1)
+        self.flows = nn.ModuleList(FlowPair(latent) for _ in range(config.flows_per_group))
+        self.decoder_combiner = DecoderCombiner(dec, latent)
+        self.draw_posterior = (self.flow_posterior if config.flows_per_group
+                               else self.gaussian_posterior)
+
+    def encode(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        "The encoder's state after this group, and the feature the group's posterior reads."
+        h = self.encoder_cells(self.down(h))
+        return h, self.encoder_top(h)
+
+    def decode(self, s: Tensor, feature: Tensor | None, temperature: float = 1.0,
+               use_mean: bool = False) -> tuple[Tensor, Group]:
+        """The decoder's state after this group, and the group: z from the posterior given the
+        encoder's `feature`, else from the prior at `temperature`."""
+        s = self.decoder_cells(self.up(s))
+        prior_params = self.prior_head(s)
+        prior = nvae_normal(*prior_params.chunk(2, dim=1))
+        if feature is None: group = Group.draw(prior, None, use_mean, temperature)
+        else:
+            correction = self.posterior_head(self.encoder_combiner(feature, s))
+            group = self.draw_posterior(prior, nvae_posterior(prior_params, correction), use_mean)
+        return self.decoder_combiner(s, group.z), group
+
+    def gaussian_posterior(self, prior: DiagonalGaussian, posterior: DiagonalGaussian,
+                           use_mean: bool) -> Group:
+        return Group.draw(prior, posterior, use_mean)
+
+    def flow_posterior(self, prior: DiagonalGaussian, posterior: DiagonalGaussian,
+                       use_mean: bool) -> Group:
+        "The sample pushed through the group's flow cells, with log q(z) for the one-sample KL."
+        z, log_q = flow_posterior_sample(posterior, self.flows, use_mean=use_mean)
+        return Group(z, prior, posterior, log_q)
+
 # %% ../nbs/08_nvae.ipynb #a7863503
 class NVAE(HierarchicalVAE):
     "NVAE (Vahdat & Kautz, 2020): residual cells over latent scales, posteriors relative to priors."
@@ -181,111 +263,65 @@ class NVAE(HierarchicalVAE):
         super().__init__()
         self.config = config
         c, h, w = config.image_shape
-        enc, dec, latent = config.encoder_channels, config.decoder_channels, config.latent_channels
+        enc, dec = config.encoder_channels, config.decoder_channels
         scales, counts = config.latent_scales, config.groups[::-1]     # groups per scale, top-down
-        self.scale_of = [s for s, n in enumerate(counts) for _ in range(n)]
-        groups = range(len(self.scale_of))
+        scale_of = [s for s, n in enumerate(counts) for _ in range(n)]  # of every group, top-down
         # channels double at every down-sampling: pre-processing, then every latent scale
         mult = [2 ** (config.preprocess_blocks + scales - 1 - s) for s in range(scales)]
         top_size = [(n + 2 * config.padding) // mult[0] for n in (h, w)]
-        self.latent_sizes = [(top_size[0] * 2 ** s, top_size[1] * 2 ** s) for s in self.scale_of]
-        enc_at = lambda d: enc * mult[self.scale_of[d]]
-        dec_at = lambda d: dec * mult[self.scale_of[d]]
+        self.latent_sizes = [(top_size[0] * 2 ** s, top_size[1] * 2 ** s) for s in scale_of]
         pre_cells, post_cells = config.preprocess_cells, config.postprocess_cells
 
         self.stem = WeightNormConv2d(c, enc, 3, padding=1)
         self.preprocess = nn.Sequential(*(
             make_cell('normal_pre' if i < pre_cells - 1 else 'down_pre', enc * 2 ** block)
             for block in range(config.preprocess_blocks) for i in range(pre_cells)))
-        self.encoder_cells = nn.ModuleList(
-            cells('normal_enc', enc_at(d), config.encoder_cells_per_group) for d in groups)
-        # encoder_downs[s]: scale s + 1 -> s (finer to coarser); decoder_ups[s]: scale s -> s + 1
-        self.encoder_downs = nn.ModuleList(make_cell('down_enc', enc * mult[s + 1])
-                                           for s in range(scales - 1))
-        self.encoder_combiners = nn.ModuleList(EncoderCombiner(enc_at(d), dec_at(d))
-                                               for d in groups[1:])
-        top_channels = enc * mult[0]
-        self.encoder_top = nn.Sequential(nn.ELU(), WeightNormConv2d(top_channels, top_channels, 1),
-                                         nn.ELU())                                  # NVAE's enc0
-        self.posterior_heads = nn.ModuleList(WeightNormConv2d(enc_at(d), 2 * latent, 3, padding=1)
-                                             for d in groups)
-        self.flows = nn.ModuleList(
-            nn.ModuleList(FlowPair(latent) for _ in range(config.flows_per_group)) for d in groups)
-
         self.top_features = nn.Parameter(torch.rand(dec * mult[0], *top_size))   # NVAE's prior_ftr0
-        self.decoder_cells = nn.ModuleList(
-            cells('normal_dec', dec_at(d), config.decoder_cells_per_group) for d in groups[1:])
-        self.prior_heads = nn.ModuleList(
-            nn.Sequential(nn.ELU(), WeightNormConv2d(dec_at(d), 2 * latent, 1)) for d in groups[1:])
-        self.decoder_combiners = nn.ModuleList(DecoderCombiner(dec_at(d), latent) for d in groups)
-        self.decoder_ups = nn.ModuleList(make_cell('up_dec', dec * mult[s])
-                                         for s in range(scales - 1))
+        last = len(scale_of) - 1
+        self.groups = nn.ModuleList(
+            LatentGroup(config, enc * mult[s], dec * mult[s], top=d == 0,
+                        down=d < last and scale_of[d + 1] > s, up=d > 0 and scale_of[d - 1] < s)
+            for d, s in enumerate(scale_of))
         self.postprocess = nn.Sequential(*(
             make_cell('up_post' if i == 0 else 'normal_post', dec * 2 ** (block + (i == 0)))
             for block in reversed(range(config.postprocess_blocks)) for i in range(post_cells)))
         rgb = config.likelihood == 'logistic_mixture'
-        self.likelihood = (NVAELogisticMixture(config.num_mixtures) if rgb
+        self.likelihood = (NVAELogisticMixture(config.num_mixtures, config.pixel_bits) if rgb
                            else make_likelihood('bernoulli'))
+        # the encoder reads the pixels at the likelihood's bit depth, as the official model does
+        self.pixels = self.likelihood.quantize if rgb else nn.Identity()
         outputs = self.likelihood.num_params(c)
         self.output_head = nn.Sequential(nn.ELU(), WeightNormConv2d(dec, outputs, 3, padding=1))
         self.register_buffer('kl_sizes', kl_balance_sizes(config.groups), persistent=False)
-        # the variants, chosen once
-        self.draw_posterior = (self.flow_posterior if config.flows_per_group
-                               else self.gaussian_posterior)
         self.spectral = (SpectralRegularizer(convolution_kernels(self))
                          if config.spectral_weight > 0 else None)
+        self.register_load_state_dict_pre_hook(_from_parallel_lists)
 
     @property
     def latent_shapes(self) -> list[tuple]:
         return [(self.config.latent_channels, *size) for size in reversed(self.latent_sizes)]
 
     def bottom_up(self, x: Tensor) -> list[Tensor]:
-        "The encoder's feature of every group, top-down: its state after the group's cells."
+        "The feature every group's posterior reads, top-down."
         p = self.config.padding
-        h = self.preprocess(self.stem(2 * F.pad(x, (p, p, p, p)) - 1))
-        features = [None] * len(self.scale_of)
-        for d in reversed(range(len(self.scale_of))):
-            if d + 1 < len(self.scale_of) and self.scale_of[d] < self.scale_of[d + 1]:
-                h = self.encoder_downs[self.scale_of[d]](h)
-            features[d] = h = self.encoder_cells[d](h)
-        features[0] = self.encoder_top(h)
-        return features
+        h = self.preprocess(self.stem(2 * F.pad(self.pixels(x), (p, p, p, p)) - 1))
+        features = []
+        for group in reversed(self.groups):
+            h, feature = group.encode(h)
+            features.append(feature)
+        return features[::-1]
 
     def top_down(self, features, batch: int, keep: int, temperature: float = 1.0,
                  use_mean: bool = False) -> Walk:
         s = self.top_features.expand(batch, -1, -1, -1)
-        groups = []
-        for d, scale in enumerate(self.scale_of):
-            if d == 0:       # the fixed top prior: NVAE's normal of zeros
-                prior_params = None
-                zeros = s.new_zeros(batch, self.config.latent_channels, *self.latent_sizes[0])
-                prior = nvae_normal(zeros, zeros)
-            else:
-                if scale > self.scale_of[d - 1]: s = self.decoder_ups[scale - 1](s)
-                s = self.decoder_cells[d - 1](s)
-                prior_params = self.prior_heads[d - 1](s)
-                prior = nvae_normal(*prior_params.chunk(2, dim=1))
-            if d < keep:
-                h = features[0] if d == 0 else self.encoder_combiners[d - 1](features[d], s)
-                posterior = nvae_posterior(prior_params, self.posterior_heads[d](h))
-                group = self.draw_posterior(d, prior, posterior, use_mean)
-            else: group = Group.draw(prior, None, use_mean, temperature)
-            s = self.decoder_combiners[d](s, group.z)
-            groups.append(group)
+        walked = []
+        for d, group in enumerate(self.groups):
+            s, drawn = group.decode(s, features[d] if d < keep else None, temperature, use_mean)
+            walked.append(drawn)
         params = self.output_head(self.postprocess(s))
         p = self.config.padding
         if p: params = params[:, :, p:-p, p:-p]            # the likelihood scores the image only
-        return Walk(groups[::-1], params)
-
-    def gaussian_posterior(self, d: int, prior: DiagonalGaussian, posterior: DiagonalGaussian,
-                           use_mean: bool) -> Group:
-        return Group.draw(prior, posterior, use_mean)
-
-    def flow_posterior(self, d: int, prior: DiagonalGaussian, posterior: DiagonalGaussian,
-                       use_mean: bool) -> Group:
-        "The sample pushed through the group's flow cells, with log q(z) for the one-sample KL."
-        z, log_q = flow_posterior_sample(posterior, self.flows[d], use_mean=use_mean)
-        return Group(z, prior, posterior, log_q)
+        return Walk(walked[::-1], params)
 
     def kl_weights(self, kl: Tensor, beta: float) -> Tensor | None:
         "KL balancing while beta < 1 (NVAE's `kl_balancer`)."
@@ -300,77 +336,88 @@ class NVAE(HierarchicalVAE):
         weight = annealed_weight(beta, config.spectral_weight, config.spectral_weight_start)
         return spectral_penalty(self.spectral(), weight) + batchnorm_penalty(self, weight)
 
+# %% ../nbs/08_nvae.ipynb #d2bf491c
+def _from_parallel_lists(model: 'NVAE', state: dict, prefix: str, *_):
+    """Rename, in place, the keys of a state dict saved before the groups became modules (run
+    directories of 2026-12-07 and earlier: one list per kind of layer, `encoder_cells.{d}`,
+    `prior_heads.{d - 1}`, `encoder_downs.{scale}`, ...) to the keys of `model`."""
+    if not any(k.startswith(prefix + 'decoder_combiners.') for k in state): return
+    scale_of = [s for s, n in enumerate(model.config.groups[::-1]) for _ in range(n)]
+    renames = {'encoder_top.': 'groups.0.encoder_top.'}
+    for d, s in enumerate(scale_of):
+        group = f'groups.{d}.'
+        renames.update({f'encoder_cells.{d}.': group + 'encoder_cells.',
+                        f'posterior_heads.{d}.': group + 'posterior_head.',
+                        f'flows.{d}.': group + 'flows.',
+                        f'decoder_combiners.{d}.': group + 'decoder_combiner.'})
+        if d > 0:
+            renames.update({f'encoder_combiners.{d - 1}.': group + 'encoder_combiner.',
+                            f'decoder_cells.{d - 1}.': group + 'decoder_cells.',
+                            f'prior_heads.{d - 1}.': group + 'prior_head.'})
+            if scale_of[d - 1] < s: renames[f'decoder_ups.{s - 1}.'] = group + 'up.'
+        if d + 1 < len(scale_of) and scale_of[d + 1] > s:
+            renames[f'encoder_downs.{s}.'] = group + 'down.'
+    for key in list(state):
+        name = key[len(prefix):]
+        old = next((o for o in renames if name.startswith(o)), None)
+        if old: state[prefix + renames[old] + name[len(old):]] = state.pop(key)
+
 # %% ../nbs/08_nvae.ipynb #09a6dea1
-def _with_batch_norm_buffers(entries: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+def _with_batch_norm_buffers(entries: list[tuple[str, tuple]]) -> list[str]:
     "Each batch norm's running statistics after its parameters, as a state_dict lists them."
     out = []
     for i, (name, shape) in enumerate(entries):
-        out.append((name, shape))
+        out.append(name)
         module, _, kind = name.rpartition('.')
         previous, previous_shape = entries[i - 1] if i else ('', ())
         if kind == 'bias' and previous == f'{module}.weight' and len(previous_shape) == 1:  # a BN
-            out += [(f'{module}.running_mean', shape), (f'{module}.running_var', shape),
-                    (f'{module}.num_batches_tracked', ())]
+            out += [f'{module}.running_mean', f'{module}.running_var',
+                    f'{module}.num_batches_tracked']
     return out
 
-def official_nvae_state(args: dict, buffers: bool = True) -> list[tuple[str, tuple]]:
-    """(name, shape) of every entry of the official NVAE `AutoEncoder`'s state_dict, in order, for
-    the official flags `args` (architecture `res_mbconv`, `use_se`, `res_dist`); parameters only
-    unless `buffers`."""
-    a, entries = args, []
-    def conv(name, c_out, c_in, k, bias=True, depthwise=False):
-        entries.append((f'{name}.weight', (c_out, 1 if depthwise else c_in, k, k)))
-        if bias: entries.append((f'{name}.bias', (c_out,)))
-        entries.append((f'{name}.log_weight_norm', (c_out, 1, 1, 1)))
-    def cell(name, kind, channels):
-        entries.extend((f'{name}.{n}', shape)
-                       for n, shape in official_cell_parameters(kind, int(channels)))
-    enc, dec, z = a['num_channels_enc'], a['num_channels_dec'], a['num_latent_per_group']
-    scales, flows = a['num_latent_scales'], a['num_nf']
-    groups = groups_per_scale(scales, a['num_groups_per_scale'], a['ada_groups'],
-                              a['min_groups_per_scale'])
-    image_channels, size = (1, 32) if a['dataset'] in ('mnist', 'omniglot') else (3, 32)
-    top = size // 2 ** (a['num_preprocess_blocks'] + scales - 1)
-    entries.append(('prior_ftr0', (dec * 2 ** (a['num_preprocess_blocks'] + scales - 1), top, top)))
-    conv('stem', enc, image_channels, 3)
-    mult, i = 1, 0
-    for _ in range(a['num_preprocess_blocks']):
-        for c in range(a['num_preprocess_cells']):
-            last = c == a['num_preprocess_cells'] - 1
-            cell(f'pre_process.{i}', 'down_pre' if last else 'normal_pre', enc * mult); i += 1
-            if last: mult *= 2
-    i = 0
-    for s in range(scales):                                    # bottom-up
-        for g in range(groups[s]):
-            for _ in range(a['num_cell_per_cond_enc']):
-                cell(f'enc_tower.{i}', 'normal_enc', enc * mult); i += 1
-            if not (s == scales - 1 and g == groups[s] - 1):
-                conv(f'enc_tower.{i}.conv', enc * mult, dec * mult, 1); i += 1
-        if s < scales - 1:
-            cell(f'enc_tower.{i}', 'down_enc', enc * mult); i += 1; mult *= 2
-    conv('enc0.1', enc * mult, enc * mult, 1)
-    top_down = [mult // 2 ** s for s in range(scales) for _ in range(groups[scales - 1 - s])]
-    for k, m in enumerate(top_down): conv(f'enc_sampler.{k}', 2 * z, enc * m, 3)
-    for k, m in enumerate(top_down[1:]): conv(f'dec_sampler.{k}.1', 2 * z, dec * m, 1)
-    for k in range(len(top_down) * flows):
-        for half in ('cell1', 'cell2'):
-            conv(f'nf_cells.{k}.{half}.conv.convz.0', 6 * z, z, 3, bias=False)
-            conv(f'nf_cells.{k}.{half}.conv.convz.2', 6 * z, 6 * z, 5, bias=False, depthwise=True)
-            conv(f'nf_cells.{k}.{half}.mu.conv_0', z, 6 * z, 1)
-    i = 0
-    for d, m in enumerate(top_down):                           # top-down
-        if d > 0:
-            if m < top_down[d - 1]: cell(f'dec_tower.{i}', 'up_dec', dec * top_down[d - 1]); i += 1
-            for _ in range(a['num_cell_per_cond_dec']):
-                cell(f'dec_tower.{i}', 'normal_dec', dec * m); i += 1
-        conv(f'dec_tower.{i}.conv', dec * m, dec * m + z, 1); i += 1
-    mult, i = top_down[-1], 0
-    for _ in range(a['num_postprocess_blocks']):
-        for c in range(a['num_postprocess_cells']):
-            if c == 0: cell(f'post_process.{i}', 'up_post', dec * mult); mult //= 2
-            else: cell(f'post_process.{i}', 'normal_post', dec * mult)
-            i += 1
-    mixtures = a['num_mixture_dec']
-    outputs = 1 if image_channels == 1 else (6 if mixtures == 1 else 10 * mixtures)
-    conv('image_conditional.1', outputs, dec * mult, 3)
-    return _with_batch_norm_buffers(entries) if buffers else entries
+_FLOW_NAMES = (('first.', 'cell1.'), ('second.', 'cell2.'), ('input_layer.', 'conv.convz.0.'),
+               ('depthwise_layer.', 'conv.convz.2.'), ('shift_head.', 'mu.conv_0.'))
+
+def _official_inside(module: nn.Module) -> list[str]:
+    "The official names of `module`'s tensors inside its official module, in our order."
+    ours = list(module.state_dict())
+    if isinstance(module, ResidualCell):
+        names = _with_batch_norm_buffers(official_cell_parameters(module.kind, module.channels_in))
+        # the same tensors in the same order (chapter 05): a mismatch is a bug of this layout
+        assert [n.rpartition('.')[2] for n in names] == [n.rpartition('.')[2] for n in ours]
+        return names
+    for mine, theirs in (_FLOW_NAMES if isinstance(module, FlowPair) else ()):
+        ours = [name.replace(mine, theirs) for name in ours]
+    return ours
+
+def official_layout(model: 'NVAE') -> list[tuple[str, str]]:
+    """(official key, our key) of every tensor of `model` that the official `AutoEncoder` of the
+    same flags saves, in the official state_dict's order (its aliases aside)."""
+    groups = list(enumerate(model.groups))
+    has = lambda module: not isinstance(module, nn.Identity)
+    encoder, decoder = [], []
+    for d, group in reversed(groups):                                     # bottom-up
+        if has(group.down): encoder.append(f'groups.{d}.down')
+        encoder += [f'groups.{d}.encoder_cells.{i}' for i in range(len(group.encoder_cells))]
+        if d > 0: encoder.append(f'groups.{d}.encoder_combiner')
+    for d, group in groups:                                               # top-down
+        if has(group.up): decoder.append(f'groups.{d}.up')
+        decoder += [f'groups.{d}.decoder_cells.{i}' for i in range(len(group.decoder_cells))]
+        decoder.append(f'groups.{d}.decoder_combiner')
+    flows = [f'groups.{d}.flows.{i}' for d, group in groups for i in range(len(group.flows))]
+    lists = [('pre_process', [f'preprocess.{i}' for i in range(len(model.preprocess))]),
+             ('enc_tower', encoder), ('enc0', ['groups.0.encoder_top']),
+             ('enc_sampler', [f'groups.{d}.posterior_head' for d, _ in groups]),
+             ('dec_sampler', [f'groups.{d}.prior_head' for d, _ in groups[1:]]),
+             ('nf_cells', flows), ('dec_tower', decoder),
+             ('post_process', [f'postprocess.{i}' for i in range(len(model.postprocess))]),
+             ('image_conditional', ['output_head'])]
+    layout = [('prior_ftr0', 'top_features')]
+    layout += [(f'stem.{name}', f'stem.{name}') for name in model.stem.state_dict()]
+    for official, modules in lists:
+        for i, name in enumerate(modules):
+            where = official if official in ('enc0', 'image_conditional') else f'{official}.{i}'
+            module = model.get_submodule(name)
+            layout += [(f'{where}.{theirs}', f'{name}.{mine}') for theirs, mine
+                       in zip(_official_inside(module), module.state_dict())]
+    return layout

@@ -103,13 +103,84 @@ _PRESET_LIST += [
                       preprocess_cells=2, postprocess_blocks=1, postprocess_cells=2,
                       encoder_cells_per_group=2, decoder_cells_per_group=2, flows_per_group=1,
                       spectral_weight=1e-2),
-           nvae_recipe(256, 50_000 // 256, 400, eval_every=5000, save_every=5000, log_every=100),
+           nvae_recipe(256, 50_000 // 256, 400, horizontal_flip=0.5, eval_every=5000,
+                       save_every=5000, log_every=100),
            "NVAE's CIFAR-10 model and recipe (NVlabs/NVAE README command; Vahdat & Kautz 2020): "
            "1 latent scale of 30 groups at 16x16, 20 latent channels, 128 channels, 1 pre- and 1 "
            "post-processing block of 2 cells, 2 cells per group, SE, residual normal, 1 flow "
            "pair per group, lambda 1e-2, 10 logistic mixtures; global batch 256 (8 GPUs x 32), "
-           "400 epochs of 195 steps, train.py's defaults otherwise (its random horizontal flips "
-           "are not applied here)."),
+           "400 epochs of 195 steps, train.py's defaults otherwise; training images flipped "
+           "horizontally at random, as datasets.py's RandomHorizontalFlip."),
+    # The four larger README commands of NVlabs/NVAE (--use_se --res_dist --fast_adamax, 20 latent
+    # channels, 2 cells per group, 1 pre- and 1 post-processing block of 2 cells, 10 mixtures);
+    # every other number train.py's default (nvae_recipe). An epoch is train.py's len(train_queue):
+    # the training images of the official LMDB (lmdb_datasets.py num_samples) // the global batch.
+    # All four flip training images horizontally at random (datasets.py: RandomHorizontalFlip).
+    Preset('nvae_celeba64', 'celeba64',
+           NVAEConfig(image_shape=(3, 64, 64), likelihood='logistic_mixture', num_mixtures=10,
+                      padding=0, encoder_channels=64, decoder_channels=64, latent_channels=20,
+                      latent_scales=3, groups_per_scale=20, adaptive_groups=1, preprocess_blocks=1,
+                      preprocess_cells=2, postprocess_blocks=1, postprocess_cells=2,
+                      encoder_cells_per_group=2, decoder_cells_per_group=2, flows_per_group=1,
+                      spectral_weight=1e-1),
+           nvae_recipe(128, 162_770 // 128, 90, horizontal_flip=0.5, eval_every=5000,
+                       save_every=5000, log_every=100),
+           "NVAE's CelebA-64 model and recipe (NVlabs/NVAE README command, --dataset celeba_64): "
+           "64 channels; 3 latent scales, --num_groups_per_scale 20 --ada_groups: 20 groups at "
+           "32x32, 10 at 16x16, 5 at 8x8; 1 flow pair per group (--num_nf 1); lambda 1e-1 "
+           "(--weight_decay_norm 1e-1, not annealed); global batch 128 (--batch_size 16 x 8 GPUs), "
+           "90 epochs of 1271 steps (162,770 training images), learning rate 1e-2 warmed up over 5 "
+           "epochs (train.py's defaults); 8-bit colours."),
+    Preset('nvae_imagenet32', 'imagenet32',
+           NVAEConfig(image_shape=(3, 32, 32), likelihood='logistic_mixture', num_mixtures=10,
+                      padding=0, encoder_channels=192, decoder_channels=192, latent_channels=20,
+                      latent_scales=1, groups_per_scale=28, adaptive_groups=0, preprocess_blocks=1,
+                      preprocess_cells=2, postprocess_blocks=1, postprocess_cells=2,
+                      encoder_cells_per_group=2, decoder_cells_per_group=2, flows_per_group=1,
+                      spectral_weight=1e-2, spectral_weight_start=1.0),
+           nvae_recipe(576, 1_281_147 // 576, 45, lr_warmup_steps=1_281_147 // 576,
+                       horizontal_flip=0.5, eval_every=5000, save_every=5000, log_every=100),
+           "NVAE's ImageNet-32 model and recipe (NVlabs/NVAE README command, --dataset "
+           "imagenet_32): 192 channels; 1 latent scale of 28 groups at 16x16; 1 flow pair per "
+           "group; lambda 1e-2 annealed from 1 (--weight_decay_norm 1e-2 "
+           "--weight_decay_norm_anneal --weight_decay_norm_init 1e0); global batch 576 "
+           "(--batch_size 24 x 8 GPUs x 3 nodes), 45 epochs of 2224 steps (1,281,147 training "
+           "images), learning rate 1e-2 warmed up over 1 epoch (--warmup_epochs 1); 8-bit "
+           "colours."),
+    Preset('nvae_celebahq256', 'celebahq256',
+           NVAEConfig(image_shape=(3, 256, 256), likelihood='logistic_mixture', num_mixtures=10,
+                      padding=0, encoder_channels=30, decoder_channels=30, latent_channels=20,
+                      latent_scales=5, groups_per_scale=16, adaptive_groups=1,
+                      min_groups_per_scale=4, preprocess_blocks=1, preprocess_cells=2,
+                      postprocess_blocks=1, postprocess_cells=2, encoder_cells_per_group=2,
+                      decoder_cells_per_group=2, flows_per_group=2, pixel_bits=5,
+                      spectral_weight=1e-2, spectral_weight_start=1.0),
+           nvae_recipe(96, 27_000 // 96, 300, horizontal_flip=0.5, eval_every=5000,
+                       save_every=5000, log_every=100),
+           "NVAE's CelebA-HQ-256 model and recipe (NVlabs/NVAE README command, --dataset "
+           "celeba_256): 30 channels; 5 latent scales, --num_groups_per_scale 16 --ada_groups "
+           "--min_groups_per_scale 4: 16 groups at 128x128, 8 at 64x64, 4 at each of 32x32, 16x16 "
+           "and 8x8; 2 flow pairs per group (--num_nf 2); 5-bit colours (--num_x_bits 5); lambda "
+           "1e-2 annealed from 1 (--weight_decay_norm_init 1.); global batch 96 (--batch_size 4 x "
+           "8 GPUs x 3 nodes), 300 epochs of 281 steps (27,000 training images), learning rate "
+           "1e-2 warmed up over 5 epochs (train.py's defaults)."),
+    Preset('nvae_ffhq256', 'ffhq256',
+           NVAEConfig(image_shape=(3, 256, 256), likelihood='logistic_mixture', num_mixtures=10,
+                      padding=0, encoder_channels=30, decoder_channels=30, latent_channels=20,
+                      latent_scales=5, groups_per_scale=16, adaptive_groups=1,
+                      min_groups_per_scale=4, preprocess_blocks=1, preprocess_cells=2,
+                      postprocess_blocks=1, postprocess_cells=2, encoder_cells_per_group=2,
+                      decoder_cells_per_group=2, flows_per_group=2, pixel_bits=5,
+                      spectral_weight=1e-1, spectral_weight_start=1.0),
+           nvae_recipe(96, 63_000 // 96, 200, lr=8e-3, min_lr_ratio=1e-4 / 8e-3,
+                       horizontal_flip=0.5, eval_every=5000, save_every=5000, log_every=100),
+           "NVAE's FFHQ-256 model and recipe (NVlabs/NVAE README command, --dataset ffhq): "
+           "CelebA-HQ-256's architecture (30 channels; 16, 8, 4, 4 and 4 groups at 128x128 ... "
+           "8x8; 2 flow pairs per group; 5-bit colours); lambda 1e-1 annealed from 1 "
+           "(--weight_decay_norm 1e-1 --weight_decay_norm_init 1.); learning rate 8e-3 "
+           "(--learning_rate 8e-3) warmed up over 5 epochs, then a cosine to train.py's 1e-4; "
+           "global batch 96 (--batch_size 4 x 8 GPUs x 3 nodes), 200 epochs of 656 steps (63,000 "
+           "training images)."),
     Preset('nvae_mnist_hour', 'binarized_mnist',
            NVAEConfig(image_shape=(1, 28, 28), padding=2, encoder_channels=8, decoder_channels=8,
                       latent_channels=8, latent_scales=2, groups_per_scale=5, preprocess_blocks=2,

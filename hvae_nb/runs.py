@@ -117,6 +117,11 @@ def load_weights(model: torch.nn.Module, path, older_version: bool = False) -> t
     try: state = load_file(path)
     except Exception as e:
         raise RunError(f"weights file {path} is corrupt or not safetensors: {e}") from None
+    # the model's own load_state_dict first: a family may rename the keys of its older versions
+    try:
+        model.load_state_dict(state)
+        return model
+    except RuntimeError as e: refused = str(e).strip().splitlines()[-1][:300]
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -125,13 +130,10 @@ def load_weights(model: torch.nn.Module, path, older_version: bool = False) -> t
                if older_version else '')
         raise RunError(f"weights file {path} does not fit the model: missing keys {missing[:5]}, "
                        f"unexpected keys {unexpected[:5]}.{why}")
-    bad = [k for k in expected if expected[k].shape != state[k].shape]
-    if bad:
-        key = bad[0]
-        raise RunError(f"weights file {path}: key {key!r} has shape {tuple(state[key].shape)}, "
-                       f"model expects {tuple(expected[key].shape)}")
-    model.load_state_dict(state)
-    return model
+    key = next((k for k in expected if expected[k].shape != state[k].shape), None)
+    if key is None: raise RunError(f"weights file {path} does not fit the model: {refused}")
+    raise RunError(f"weights file {path}: key {key!r} has shape {tuple(state[key].shape)}, "
+                   f"model expects {tuple(expected[key].shape)}")
 
 # %% ../nbs/10b_runs.ipynb #edb89ea8
 @dataclass

@@ -1,10 +1,12 @@
 """Fast checks of NVAE (chapter 08) and its converter (chapter 14): the paper presets' parameter counts against the
-official architecture written out from the official layer definitions, KL balancing, the penalty, training through
-the command line, and the conversion of official-shaped checkpoints."""
-import argparse, math, os, subprocess, sys
+official model's (recorded from the official code in tests/data/nvae_official.json.gz), KL balancing against a loop
+written from the official definition, the penalty, training through the command line, the refactor into groups
+against values recorded before it, and the conversion of official-format checkpoints."""
+import argparse, gzip, json, os, subprocess, sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,12 +14,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hvae_nb.convert import (convert_nvae, nvae_config, nvae_module_names, nvae_preset,  # noqa: E402
-                             nvae_state_dict, official_flags)
-from hvae_nb.nvae import (NVAEConfig, groups_per_scale, kl_balance_sizes, kl_balance_weights,  # noqa: E402
-                          official_nvae_state)
+from hvae_nb.convert import (convert_nvae, nvae_config, nvae_preset, nvae_state_dict,  # noqa: E402
+                             official_flags)
+from hvae_nb.nvae import NVAEConfig, groups_per_scale, kl_balance_sizes  # noqa: E402
+from hvae_nb.configs import preset_from_dict  # noqa: E402
 from hvae_nb.presets import get_preset  # noqa: E402
-from hvae_nb.runs import RunError, from_pretrained  # noqa: E402
+from hvae_nb.runs import Run, RunError, from_pretrained  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from hvae_nb.configs import ConfigError  # noqa: E402
 from hvae_nb.vae import kl_warmup  # noqa: E402
 
@@ -36,18 +39,22 @@ SMALL = NVAEConfig(image_shape=(1, 8, 8), padding=0, encoder_channels=8, decoder
                    postprocess_blocks=1, postprocess_cells=1, encoder_cells_per_group=1, decoder_cells_per_group=1)
 
 
-def count(entries) -> int: return sum(math.prod(shape) for _, shape in entries)
+with gzip.open(ROOT / 'tests' / 'data' / 'nvae_official.json.gz', 'rt') as f: FIXTURE = json.load(f)
 
 
-@pytest.mark.parametrize('name, command, expected', [('nvae_mnist', MNIST_COMMAND, 33_363_134),
-                                                     ('nvae_cifar10', CIFAR10_COMMAND, 130_852_480)])
-def test_paper_presets_have_the_official_parameter_count(name, command, expected):
-    official = official_nvae_state(command, buffers=False)
-    assert count(official) == expected
+@pytest.mark.parametrize('name, configuration, expected', [('nvae_mnist', 'mnist', 33_363_134),
+                                                           ('nvae_cifar10', 'cifar10', 130_852_480)])
+def test_paper_presets_have_the_official_parameter_count(name, configuration, expected):
+    official = FIXTURE['configurations'][configuration]          # recorded from the official AutoEncoder
+    assert official['parameters'] == expected
     with torch.device('meta'): model = get_preset(name).model.build()
     assert sum(p.numel() for p in model.parameters()) == expected
     # and every official tensor, buffers included, has its place in our model with its shape
-    state = nvae_state_dict({k: torch.empty(s, device='meta') for k, s in official_nvae_state(command)}, model, name)
+    meta = {}
+    for key, shape in official['state']:                           # an alias is its weight
+        alias = key.endswith('.weight_normalized')
+        meta[key] = meta[key.removesuffix('_normalized')] if alias else torch.empty(shape, device='meta')
+    state = nvae_state_dict(meta, model, name)
     assert len(state) == len(model.state_dict())
 
 
@@ -56,16 +63,30 @@ def test_groups_per_scale_and_balance_sizes():
     assert kl_balance_sizes([10, 5]).tolist() == [2.0] * 10 + [1.0] * 5
 
 
+def balancing_weights_by_hand(kl_top_down: list[list[float]], groups_top_down: list[int]) -> list[float]:
+    """NVAE's KL balancing coefficients, one number at a time, as the official utils.py defines them:
+    kl_balancer_coeff(fun='square') gives every group of scale s (from the top) (2^s)^2 / (groups at s), divided by
+    the smallest; kl_balancer weights group i by (mean_b |KL_bi| + 0.01) / alpha_i * (their sum over groups),
+    normalised to mean 1."""
+    alpha = []
+    for s, n in enumerate(groups_top_down): alpha += [(2 ** s) ** 2 / n] * n
+    alpha = [a / min(alpha) for a in alpha]
+    batch, groups = len(kl_top_down), len(alpha)
+    coeff = [sum(abs(kl_top_down[b][i]) for b in range(batch)) / batch + 0.01 for i in range(groups)]
+    total = sum(coeff)
+    coeff = [c / a * total for c, a in zip(coeff, alpha)]
+    mean = sum(coeff) / groups
+    return [c / mean for c in coeff]
+
+
 def test_kl_balancing_weights():
     torch.manual_seed(0)
-    kl = torch.rand(16, 6) * torch.tensor([0.0, 0.1, 1.0, 5.0, 10.0, 20.0])
-    sizes = kl_balance_sizes([4, 2])
-    weights = kl_balance_weights(kl, sizes)
-    expected = (kl.abs().mean(0) + 0.01) / sizes
-    assert torch.allclose(weights, expected / expected.mean())
-    assert abs(weights.mean().item() - 1) < 1e-6 and weights.argmin() == 0
-    model = SMALL.build()
-    assert model.kl_weights(kl, beta=1.0) is None and torch.equal(model.kl_weights(kl, beta=0.5), weights)
+    kl = torch.rand(16, 6) * torch.tensor([0.0, 0.1, 1.0, 5.0, 10.0, 20.0]) - 0.05   # bottom -> top; some < 0
+    model = SMALL.build()                           # 4 groups at the finer scale, 2 at the top one
+    weights = model.kl_weights(kl, beta=0.5)
+    expected = balancing_weights_by_hand(kl.flip(1).tolist(), [2, 4])[::-1]    # the official order is top-down
+    assert torch.allclose(weights, torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    assert model.kl_weights(kl, beta=1.0) is None
     assert replace(SMALL, kl_balancing=0).build().kl_weights(kl, beta=0.5) is None
 
 
@@ -95,12 +116,16 @@ def test_nvae_digits_trains_from_the_command_line(tmp_path):
 
 
 def official_checkpoint(path, command: dict, seed: int = 0, **changes) -> dict:
-    "A checkpoint shaped like one NVlabs/NVAE's train.py saves: a dict with state_dict, args (a Namespace), ..."
+    """A checkpoint as NVlabs/NVAE's train.py saves one (a dict with state_dict, args as a Namespace, ...) for the
+    small command, its keys and shapes those the official code gave (the fixture), aliases included; random values."""
+    assert nvae_config(command, 'test') == nvae_config(FIXTURE['small']['args'], 'fixture')
     generator = torch.Generator().manual_seed(seed)
-    state = {key: (torch.tensor(7) if key.endswith('num_batches_tracked')
-                   else torch.rand(shape, generator=generator) + 0.5 if key.endswith('running_var')
-                   else 0.1 * torch.randn(shape, generator=generator))
-             for key, shape in official_nvae_state(command)}
+    state = {}
+    for key, shape in FIXTURE['small']['state']:
+        if key.endswith('.weight_normalized'): state[key] = state[key.removesuffix('_normalized')]
+        elif key.endswith('num_batches_tracked'): state[key] = torch.tensor(7)
+        elif key.endswith('running_var'): state[key] = torch.rand(shape, generator=generator) + 0.5
+        else: state[key] = 0.1 * torch.randn(shape, generator=generator)
     state.update(changes)
     torch.save({'epoch': 10, 'state_dict': {k: v for k, v in state.items() if v is not None},
                 'args': argparse.Namespace(**command), 'optimizer': {'state': {}, 'param_groups': []},
@@ -114,29 +139,40 @@ SMALL_COMMAND = dict(MNIST_COMMAND, num_channels_enc=8, num_channels_dec=12, num
                      num_postprocess_blocks=1, num_postprocess_cells=2, num_nf=1)
 
 
-def test_converter_places_every_official_tensor(tmp_path):
-    state = official_checkpoint(tmp_path / 'small.pt', SMALL_COMMAND)
+def test_converted_small_model_runs(tmp_path):
+    "Where each tensor lands is checked against the official code's output in test_convert_nvae_official.py."
+    official_checkpoint(tmp_path / 'small.pt', SMALL_COMMAND)
     config = nvae_config(SMALL_COMMAND, 'small')
     assert official_flags(config)['num_channels_dec'] == 12
     preset = replace(get_preset('nvae_mnist'), name='nvae_small', model=config)
     model = from_pretrained(convert_nvae(tmp_path / 'small.pt', preset, tmp_path / 'run'))
-    loaded = model.state_dict()
-    placed = 0
-    for mine, theirs in [('top_features', 'prior_ftr0')] + nvae_module_names(config):
-        ours = [n for n in loaded if n == mine or n.startswith(mine + '.')]
-        official = [k for k in state if k == theirs or k.startswith(theirs + '.')]
-        assert len(ours) == len(official), (mine, theirs)
-        for name, key in zip(ours, official):
-            assert torch.equal(loaded[name], state[key]), (name, key)   # same shape too
-            placed += 1
-    assert placed == len(state)
     with torch.no_grad(): assert torch.isfinite(model.log_weight(torch.bernoulli(torch.full((3, 1, 28, 28), 0.2)))).all()
+
+
+# Recorded before NVAE's layers became one module per group (commit 9a73bd4, 2026-12-07): the stored nvae_mnist_hour
+# run, its first four test images of the fixed binarised MNIST, z the posterior means.
+HOUR_LOG_PX = [-50.57786178588867, -44.73915100097656, -46.42649841308594, -71.96747589111328]
+HOUR_KL = [18.13606071472168, 17.407766342163086, 18.419387817382812, 25.37598991394043]
+
+
+def test_weights_saved_before_the_groups_load_and_give_the_same_numbers():
+    run = ROOT / 'results' / 'nvae_mnist_hour'
+    model = Run.open(run).preset.model.build()
+    model.load_state_dict(load_file(run / 'model.safetensors'))        # keys of the parallel lists, renamed
+    model.eval()
+    x = torch.from_numpy(np.load(ROOT / 'tests' / 'data' / 'binarized_mnist_test_4.npy')).float()
+    with torch.no_grad():
+        walk = model.posterior_walk(x, use_mean=True)
+        log_px = model.likelihood.log_prob(walk.params, x)
+        kl = torch.stack([g.terms()[0] for g in walk.groups], 1).sum(1)
+    torch.testing.assert_close(log_px, torch.tensor(HOUR_LOG_PX), rtol=0, atol=1e-4)
+    torch.testing.assert_close(kl, torch.tensor(HOUR_KL), rtol=0, atol=1e-4)
 
 
 def test_converter_infers_the_presets_and_refuses_what_it_does_not_know(tmp_path):
     for name, command in (('nvae_mnist', MNIST_COMMAND), ('nvae_cifar10', CIFAR10_COMMAND)):
         assert nvae_preset(nvae_config(command, name), name).name == name
-    refusals = ((dict(MNIST_COMMAND, dataset='ffhq'), "--dataset 'ffhq'"),
+    refusals = ((dict(MNIST_COMMAND, dataset='lsun_church_64'), "--dataset 'lsun_church_64'"),
                 (dict(MNIST_COMMAND, arch_instance='mbconv_sep'), "--arch_instance 'mbconv_sep'"),
                 (dict(MNIST_COMMAND, res_dist=False), 'residual posterior'),
                 (dict(MNIST_COMMAND, num_channels_enc=64), 'no preset has'))
@@ -147,7 +183,9 @@ def test_converter_infers_the_presets_and_refuses_what_it_does_not_know(tmp_path
             convert_nvae(tmp_path / f'{i}.pt', None, tmp_path / f'run{i}')
         assert message in str(refused.value) and '\n' not in str(refused.value)
     preset = replace(get_preset('nvae_mnist'), model=nvae_config(SMALL_COMMAND, 'small'))
+    alias = 'dec_tower.1._ops.0.conv.1.conv.0.weight_normalized'
     for changes, message in (({'enc0.1.bias': None}, "'enc0.1.bias' is missing"),
+                             ({alias: torch.zeros(288, 48, 1, 1)}, f"{alias!r} differs from"),
                              ({'stem.weight': torch.zeros(8, 1, 1, 1)}, 'has shape (8, 1, 1, 1)')):
         official_checkpoint(tmp_path / 'damaged.pt', SMALL_COMMAND, **changes)
         with pytest.raises(RunError) as refused: convert_nvae(tmp_path / 'damaged.pt', preset, tmp_path / 'damaged')
