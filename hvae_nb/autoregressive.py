@@ -186,7 +186,8 @@ class NLayerVAE(HierarchicalVAE):
             d = order[place:place + 1]
             prior = self.prior.conditionals(z)
             layer = DiagonalGaussian(prior.mean[:, d], prior.log_scale[:, d])
-            z = z.index_copy(1, d, Group.draw(layer, None, use_mean, temperature).z)
+            number = len(order) - 1 - place           # layers are numbered from the bottom
+            z = z.index_copy(1, d, Group.draw(layer, None, use_mean, temperature, number).z)
         # every layer's prior in one pass: output d reads only the layers before d, unchanged since
         prior = self.prior.conditionals(z)
         unit = lambda g, d: DiagonalGaussian(g.mean[:, d:d + 1], g.log_scale[:, d:d + 1])

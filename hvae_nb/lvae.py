@@ -175,5 +175,5 @@ class LadderVAE(HierarchicalVAE):
         for layer in reversed(range(L)):    # from the top, z_L, down to z_1
             prior = self.prior(layer, groups[layer + 1].z if layer < L - 1 else None, batch)
             groups[layer] = (posterior(layer, prior) if layer >= L - keep
-                             else Group.draw(prior, None, use_mean, temperature))
+                             else Group.draw(prior, None, use_mean, temperature, group=layer))
         return Walk(groups, self.decoder(groups[0].z))

@@ -234,13 +234,14 @@ class LatentGroup(nn.Module):
         return h, self.encoder_top(h)
 
     def decode(self, s: Tensor, feature: Tensor | None, temperature: float = 1.0,
-               use_mean: bool = False) -> tuple[Tensor, Group]:
+               use_mean: bool = False, number: int | None = None) -> tuple[Tensor, Group]:
         """The decoder's state after this group, and the group: z from the posterior given the
-        encoder's `feature`, else from the prior at `temperature`."""
+        encoder's `feature`, else from the prior at `temperature` (`number`: the group's, from 0 at
+        the bottom)."""
         s = self.decoder_cells(self.up(s))
         prior_params = self.prior_head(s)
         prior = nvae_normal(*prior_params.chunk(2, dim=1))
-        if feature is None: group = Group.draw(prior, None, use_mean, temperature)
+        if feature is None: group = Group.draw(prior, None, use_mean, temperature, number)
         else:
             correction = self.posterior_head(self.encoder_combiner(feature, s))
             group = self.draw_posterior(prior, nvae_posterior(prior_params, correction), use_mean)
@@ -316,7 +317,8 @@ class NVAE(HierarchicalVAE):
         s = self.top_features.expand(batch, -1, -1, -1)
         walked = []
         for d, group in enumerate(self.groups):
-            s, drawn = group.decode(s, features[d] if d < keep else None, temperature, use_mean)
+            s, drawn = group.decode(s, features[d] if d < keep else None, temperature, use_mean,
+                                    len(self.groups) - 1 - d)
             walked.append(drawn)
         params = self.output_head(self.postprocess(s))
         p = self.config.padding

@@ -54,8 +54,10 @@ class Group:
         if `use_mean`. With a `Sampling`, `group` (the group's number, 0 at the bottom) picks its
         temperature, or the value it is given."""
         if isinstance(temperature, Sampling):
-            if group is None:
-                raise ValueError("a Sampling needs the group's number: Group.draw(..., group=l)")
+            per_group = temperature.latents or not isinstance(temperature.temperatures, (int, float))
+            if group is None and per_group:
+                raise ValueError("per-group temperatures and given latents need the group's number: "
+                                 "the family's walk calls Group.draw(..., group=l)")
             given = temperature.latents.get(group)
             if posterior is None and given is not None:
                 return cls(given.to(prior.mean.device, prior.mean.dtype), prior, posterior)

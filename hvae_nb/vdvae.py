@@ -218,7 +218,7 @@ class DecoderBlock(nn.Module):
         self.residual = Bottleneck(width, middle, width, r, residual=True, last_scale=depth_scale)
 
     def forward(self, states: dict, activated: Tensor | None, batch: int,
-                temperature: float = 1.0, use_mean: bool = False) -> Group:
+                temperature: float = 1.0, use_mean: bool = False, group: int | None = None) -> Group:
         """Update `states[resolution]`; z from the posterior if `activated`, the GELU of the
         encoder's features at this resolution, is given, else from the prior."""
         r, c = self.resolution, self.latent_channels
@@ -239,11 +239,11 @@ class DecoderBlock(nn.Module):
             first = (F.conv2d(x_activated, w[:, :self.width])
                      + F.conv2d(activated, w[:, self.width:], bias))
             posterior = DiagonalGaussian(*self.posterior(x, first).float().chunk(2, 1))
-        group = Group.draw(prior, posterior, use_mean, temperature)
+        drawn = Group.draw(prior, posterior, use_mean, temperature, group)
         x = x + update
-        x = x + self.z_projection(group.z)
+        x = x + self.z_projection(drawn.z)
         states[r] = self.residual(x)
-        return group
+        return drawn
 
 class Decoder(nn.Module):
     "The decoder blocks from the top down, learned initial states, and the output head."
@@ -268,8 +268,9 @@ class Decoder(nn.Module):
         states = {s.shape[-1]: s.expand(batch, -1, -1, -1) for s in self.initial_states}
         # the GELU of the encoder's features once per resolution, not once per block reading them
         activated = {r: F.gelu(features[r]) for r in {b.resolution for b in self.blocks[:keep]}}
+        last = len(self.blocks) - 1                  # block i draws group last - i (0: the bottom)
         groups = [block(states, activated[block.resolution] if i < keep else None, batch,
-                        temperature, use_mean) for i, block in enumerate(self.blocks)]
+                        temperature, use_mean, last - i) for i, block in enumerate(self.blocks)]
         h = states[self.image_size] * self.output_gain + self.output_bias
         return Walk(groups[::-1], self.output(h).float())
 
