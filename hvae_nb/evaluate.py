@@ -5,14 +5,18 @@
 # %% auto #0
 __all__ = ['FIGURE_NAMES', 'evaluation_images', 'evaluation_name', 'processes', 'gather_scores', 'my_blocks',
            'active_units_summary', 'part_blocks', 'saved_part', 'save_part', 'score_part', 'combined_parts',
-           'plot_samples', 'keep_group_counts', 'plot_reconstructions', 'split_metrics', 'plot_loss_panel',
+           'parse_temperature', 'temperature_label', 'plot_samples', 'keep_group_counts', 'plot_reconstructions',
+           'schedules', 'plot_temperature_schedules', 'plot_latents', 'split_metrics', 'plot_loss_panel',
            'plot_kl_panel', 'plot_gradient_panel', 'plot_schedule_panel', 'plot_training_curves', 'save_figure',
-           'save_figures', 'check_options', 'evaluate_run', 'evaluate_command', 'summary_line', 'main']
+           'save_figures', 'check_options', 'readjusted_for_sampling', 'evaluate_run', 'evaluate_command',
+           'summary_line', 'main']
 
 # %% ../nbs/12_evaluate.ipynb #81a0f403
 import json, math, os, re, sys, time
+from copy import deepcopy as copy_module
 from pathlib import Path
 import torch
+from torch import nn
 import matplotlib
 import matplotlib.pyplot as plt
 from accelerate import PartialState
@@ -24,7 +28,8 @@ from tqdm import tqdm
 from .data import (DataError, ImageSet, file_sha256, fixed_binarization, random_subset,
                           show_images)
 from .configs import ConfigError, Preset, check_device, load_preset_data
-from .vae import evaluating, evaluation_blocks, score_images, summarize
+from .vae import (evaluating, evaluation_blocks, readjust_batch_norm, score_images,
+                         summarize)
 from .diagnostics import active_units, plot_kl_and_active_units
 from .runs import Run, RunError, write_json_atomically
 from .cli import default_device, parse_arguments, run_command
@@ -153,8 +158,24 @@ def combined_parts(folder: Path, parts: int, settings: dict) -> dict[str, torch.
     return {key: torch.cat([s[key] for s in scores]) for key in scores[0]}
 
 # %% ../nbs/12_evaluate.ipynb #54961151
+def parse_temperature(text) -> float | tuple:
+    "'0.8' -> 0.8, one for every group; '0.5,0.7,1' -> one per group, from the bottom group up."
+    if isinstance(text, (int, float, tuple)): return text
+    try: values = tuple(float(v) for v in str(text).split(','))
+    except ValueError:
+        raise ConfigError(f"--temperature {text!r}: a number, or one per group separated by "
+                          "commas (bottom group first)") from None
+    if any(v < 0 or not math.isfinite(v) for v in values):
+        raise ConfigError(f"--temperature {text!r}: temperatures are finite and not negative")
+    return values[0] if len(values) == 1 else values
+
+def temperature_label(t) -> str:
+    return f'temperature {t}' if isinstance(t, (int, float)) else 'temperatures ' + ', '.join(
+        f'{v:g}' for v in t) + ' (bottom group first)'
+
 def plot_samples(model, temperatures=(1.0, 0.8, 0.6), n: int = 32, nrow: int = 8, seed: int = 0):
-    "One panel of `n` samples per temperature; returns the figure."
+    """One panel of `n` samples per temperature (a number, or one per group); returns the
+    figure."""
     rows = math.ceil(n / nrow)
     figsize = (3.2 * len(temperatures), 3.2 * rows / nrow + 0.6)
     fig, axes = plt.subplots(1, len(temperatures), figsize=figsize, squeeze=False)
@@ -162,7 +183,7 @@ def plot_samples(model, temperatures=(1.0, 0.8, 0.6), n: int = 32, nrow: int = 8
         for ax, t in zip(axes[0], temperatures):
             torch.manual_seed(seed)
             samples = model.sample(n, t).float().cpu()
-            show_images(samples, nrow=nrow, ax=ax, title=f'temperature {t}')
+            show_images(samples, nrow=nrow, ax=ax, title=temperature_label(t))
     fig.tight_layout()
     return fig
 
@@ -172,8 +193,10 @@ def keep_group_counts(groups: int, rows: int = 8) -> list[int]:
     return sorted({round(i * groups / (rows - 1)) for i in range(rows)})
 
 def plot_reconstructions(model, images: torch.Tensor, keep: list[int] | None = None,
-                         temperature: float = 1.0, seed: int = 0):
-    "The images (top row), then one row per k: the posterior for the top k groups, the prior below."
+                         temperature: float = 0.0, seed: int = 0):
+    """The images (top row), then one row per k: the top k groups from the posterior, the groups
+    below from their priors at `temperature` (0: the priors' means, so that every row is what the
+    top k groups say of the image, not a random draw)."""
     keep = keep_group_counts(model.num_groups) if keep is None else keep
     figsize = (0.6 * len(images) + 0.4, 0.75 * (len(keep) + 1))
     fig, axes = plt.subplots(len(keep) + 1, 1, figsize=figsize, squeeze=False)
@@ -182,9 +205,45 @@ def plot_reconstructions(model, images: torch.Tensor, keep: list[int] | None = N
         for ax, k in zip(axes[1:, 0], keep):
             torch.manual_seed(seed)
             decoded = model.reconstruct_keep(images.to(model.device), k, temperature).float().cpu()
-            title = f'posterior for the top {k} group{"s" * (k != 1)}'
+            title = (f'the top {k} group{"s" * (k != 1)} from q(z | x), the rest their prior means'
+                     if temperature == 0 else f'the top {k} from q(z | x), the rest from the '
+                     f'prior at temperature {temperature}')
             show_images(decoded, nrow=len(images), ax=ax, title=title)
     for ax in axes[:, 0]: ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return fig
+
+def schedules(groups: int) -> dict:
+    "Temperature schedules to compare: one number for every group, and one per group."
+    warmer_top = tuple(0.5 + 0.5 * l / max(1, groups - 1) for l in range(groups))
+    return {'1.0': 1.0, '0.7': 0.7, 'top groups warm': warmer_top}
+
+def plot_temperature_schedules(model, n: int = 8, seed: int = 0):
+    "The same `n` samples (one seed) under several temperature schedules, one row each."
+    rows = schedules(model.num_groups)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.8 * n + 0.4, 1.1 * len(rows)), squeeze=False)
+    with evaluating(model):
+        for ax, t in zip(axes[:, 0], rows.values()):
+            torch.manual_seed(seed)
+            show_images(model.sample(n, t).float().cpu(), nrow=n, ax=ax, title=temperature_label(t))
+            ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return fig
+
+def plot_latents(model, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 8):
+    """Getting at the latents: from one image to another along a line between their encodings, in
+    every group, then in the top group alone; and one unit of the top group traversed from -3 to +3
+    prior scales (the groups below at their priors' means)."""
+    top = model.num_groups - 1
+    rows = {'every group, from one image to the other': model.interpolate(x_from, x_to, steps),
+            f'the top group z_{top + 1} alone': model.interpolate(x_from, x_to, steps, group=top),
+            f'one unit of z_{top + 1}, -3 to +3 prior scales':
+                model.traverse(x_from, top, 0, torch.linspace(-3, 3, steps).tolist())}
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.8 * steps + 0.4, 1.1 * len(rows)),
+                             squeeze=False)
+    for ax, (title, frames) in zip(axes[:, 0], rows.items()):
+        show_images(frames[:, 0].float().cpu(), nrow=steps, ax=ax, title=title)
+        ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig
 
@@ -240,7 +299,8 @@ def plot_training_curves(records: list[dict]):
     return fig
 
 # %% ../nbs/12_evaluate.ipynb #95cdd518
-FIGURE_NAMES = ('samples.png', 'reconstructions.png', 'kl_per_group.png', 'training_curves.png')
+FIGURE_NAMES = ('samples.png', 'temperatures.png', 'reconstructions.png', 'latents.png',
+                'kl_per_group.png', 'training_curves.png')
 
 def save_figure(fig, path: Path) -> str:
     fig.savefig(path, dpi=110, bbox_inches='tight')
@@ -248,15 +308,24 @@ def save_figure(fig, path: Path) -> str:
     return path.name
 
 def save_figures(model, images: torch.Tensor, kl_per_group: torch.Tensor, active,
-                 records: list[dict], folder: Path, title: str, seed: int = 0) -> list[str]:
-    """The four figures of an evaluation (`FIGURE_NAMES`) as PNG files in `folder`; the training
-    curves only when there are metrics."""
+                 records: list[dict], folder: Path, title: str, seed: int = 0,
+                 temperature: float | tuple = 1.0, sampler=None) -> list[str]:
+    """The figures of an evaluation (`FIGURE_NAMES`) as PNG files in `folder`; the training curves
+    only when there are metrics. Samples are drawn at `temperature` from `sampler` (the model
+    itself, or a copy whose batch norms were readjusted)."""
     folder.mkdir(parents=True, exist_ok=True)
+    sampler = sampler or model
     shown = random_subset(images, 10, seed)[:]    # ten images, as float
     reconstructions = plot_reconstructions(model, shown, seed=seed)
     diagnostics = plot_kl_and_active_units(kl_per_group, active, title=title)[0].figure
-    saved = [save_figure(plot_samples(model, seed=seed), folder / 'samples.png'),
+    with evaluating(model):
+        latents = plot_latents(model, shown[:1].to(model.device), shown[1:2].to(model.device))
+    temperatures = (1.0, 0.8, 0.6) if temperature == 1.0 else (temperature,)
+    saved = [save_figure(plot_samples(sampler, temperatures, seed=seed), folder / 'samples.png'),
+             save_figure(plot_temperature_schedules(sampler, seed=seed),
+                         folder / 'temperatures.png'),
              save_figure(reconstructions, folder / 'reconstructions.png'),
+             save_figure(latents, folder / 'latents.png'),
              save_figure(diagnostics, folder / 'kl_per_group.png')]
     if split_metrics(records)[0]:
         saved.append(save_figure(plot_training_curves(records), folder / 'training_curves.png'))
@@ -283,12 +352,30 @@ def check_options(k: int, split: str, batch_size: int, max_batch: int, max_examp
                           "processes share one evaluation already")
     check_device(device)
 
+def readjusted_for_sampling(model, passes: int, batch_size: int, temperature) -> tuple:
+    """A copy of `model` whose batch norms' running statistics are re-estimated on its own samples
+    at `temperature` (NVAE's `--readjust_bn`, chapter 08), and what happened: the model itself back
+    when it has no batch norm, or when the readjusted statistics or samples are not finite (the NaN
+    samples NVAE's users met, NVlabs/NVAE issue #36)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    report = dict(passes=passes, temperature=temperature, applied=False)
+    if not norms: return model, dict(report, why='the model has no batch norm')
+    copy = readjust_batch_norm(copy_module(model), passes, batch_size, temperature)
+    with torch.no_grad(): samples = copy.sample(batch_size, temperature)
+    statistics_ok = all(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
+                        for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if not (statistics_ok and torch.isfinite(samples).all()):
+        return model, dict(report, why='non-finite statistics or samples after readjusting: '
+                                       'the stored statistics are kept')
+    return copy, dict(report, applied=True)
+
 def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 100,
                  max_examples: int | None = None, weights: str = Run.WEIGHTS, data_dir=None,
                  seed: int = 0, max_batch: int = 2048, device: str | None = None,
                  figures: bool = True, progress: bool = True, compiled: bool = False,
                  channels_last: bool = False, parts: int = 1, part: int | None = None,
-                 combine: bool = False) -> dict:
+                 combine: bool = False, temperature: float | tuple = 1.0,
+                 readjust_bn: int = 0) -> dict:
     """Evaluate the run in `run_dir` and keep the result in its eval.json (under a name saying what
     it measured) with figures in `figures/`; return the result. Under `accelerate launch` the
     processes share the blocks of images; with `parts` > 1 this process scores part `part`, saved
@@ -297,6 +384,8 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
     began = time.time()
     check_options(k, split, batch_size, max_batch, max_examples, device, parts,
                   0 if combine else part)
+    temperature = parse_temperature(temperature)
+    if readjust_bn < 0: raise ConfigError(f"--readjust-bn must be 0 (off) or more, got {readjust_bn}")
     run = Run.open(run_dir)
     preset = run.preset
     state = processes()
@@ -304,6 +393,9 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
     weights_path = run.weights_path(weights)
     model = run.model(weights_path.resolve(), device)
     if channels_last: model = model.to(memory_format=torch.channels_last)
+    if not isinstance(temperature, float) and len(temperature) != model.num_groups:
+        raise ConfigError(f"--temperature gives {len(temperature)} temperatures; this model has "
+                          f"{model.num_groups} groups")
     images, split_size = evaluation_images(preset, split, max_examples, seed, data_dir)
     records = run.metrics()
     name = evaluation_name(split, k, len(images), split_size, seed, batch_size, weights)
@@ -337,9 +429,14 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
                   batch_size=batch_size, compiled=compiled, channels_last=channels_last,
                   parts=parts, processes=state.num_processes)
     if figures:
+        sampler = model
+        if readjust_bn:
+            sampler, result['readjust_bn'] = readjusted_for_sampling(model, readjust_bn,
+                                                                     batch_size, temperature)
         kl_per_group = torch.tensor(result['kl_per_group_nats'])
         result['figures'] = save_figures(model, images, kl_per_group, found, records,
-                                         run.figures_folder(), preset.name, seed)
+                                         run.figures_folder(), preset.name, seed, temperature,
+                                         sampler)
     result['seconds'] = round(time.time() - began, 2)
     if parts > 1:
         result['part_seconds'] = [saved_part(folder, p, parts, settings)[1]['seconds']
@@ -364,6 +461,9 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                      parts: int = 1,                   # run in this many parts (one process each)
                      part: int = None,                 # the part this process runs: 0 ... parts - 1
                      combine: store_true = False,      # write the result of complete parts
+                     # samples' temperature: a number, or one per group (bottom first): 0.5,0.7,1
+                     temperature: str = '1.0',
+                     readjust_bn: int = 0,             # sampling passes to readjust batch norm (NVAE)
                      no_progress: store_true = False): # hide the progress bar
     """Evaluate a trained run: IW-NLL, negative ELBO, KL and active units per group; keeps them in
     RUN_DIR/eval.json and draws RUN_DIR/figures/."""
@@ -371,7 +471,8 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                           max_examples=max_examples, weights=weights, data_dir=data_dir, seed=seed,
                           max_batch=max_batch, device=device, figures=not no_figures,
                           progress=not no_progress, compiled=compile, channels_last=channels_last,
-                          parts=parts, part=part, combine=combine)
+                          parts=parts, part=part, combine=combine, temperature=temperature,
+                          readjust_bn=readjust_bn)
     if result: print(summary_line(result))
     return result
 

@@ -232,31 +232,35 @@ class HierarchicalVAE(nn.Module, ABC):
         return self.likelihood.mean(self.top_down(None, len(latents[0]), 0, sampling).params)
 
     @torch.no_grad()
-    def interpolate(self, x_from: Tensor, x_to: Tensor, steps: int = 8,
-                    group: int | None = None) -> Tensor:
-        """(steps, B, C, H, W): from `x_from` to `x_to` by a straight line between their encodings,
-        in group `group` alone (the others `x_from`'s) or in every group (None)."""
+    def interpolate(self, x_from: Tensor, x_to: Tensor, steps: int = 8, group: int | None = None,
+                    temperature: float = 0.0) -> Tensor:
+        """(steps, B, C, H, W): from `x_from` to `x_to` along a straight line between their
+        encodings: in every group (None), or in group `group` alone, the groups above it held at
+        `x_from`'s and the groups below drawn from their priors at `temperature` (0: the priors'
+        means), since what a group means to the image goes through the groups below it."""
         start, end = self.encode(x_from), self.encode(x_to)
         frames = []
         for t in torch.linspace(0, 1, steps).tolist():
-            latents = [a if group not in (None, l) else (1 - t) * a + t * b
-                       for l, (a, b) in enumerate(zip(start, end))]
-            frames.append(self.decode(latents))
+            mixed = [(1 - t) * a + t * b for a, b in zip(start, end)]
+            if group is None: frames.append(self.decode(mixed))
+            else:
+                given = {l: start[l] for l in range(group + 1, len(start))}
+                frames.append(self.sample(len(x_from), temperature, {**given, group: mixed[group]}))
         return torch.stack(frames)
 
     @torch.no_grad()
-    def traverse(self, x: Tensor, group: int, unit: int, values) -> Tensor:
-        """(len(values), B, C, H, W): `x` encoded, one unit of one group set to each of `values` (in
-        units of the group's prior scale around its prior mean, flattened index `unit`), decoded."""
+    def traverse(self, x: Tensor, group: int, unit: int, values, temperature: float = 0.0) -> Tensor:
+        """(len(values), B, C, H, W): `x` encoded, one unit (flattened index `unit`) of group `group`
+        set to each of `values` in units of its prior's scale around its prior's mean, the groups
+        above held, the groups below drawn from their priors at `temperature` (0: their means)."""
         walk = self.posterior_walk(x, use_mean=True)
-        latents = [g.z for g in walk.groups]
-        prior = walk.groups[group].prior
-        frames = []
+        given = {l: g.z for l, g in enumerate(walk.groups) if l > group}
+        prior, frames = walk.groups[group].prior, []
         for v in values:
-            z = latents[group].clone().flatten(1)
-            z[:, unit] = (prior.mean.flatten(1)[:, unit] + v * prior.scale.flatten(1)[:, unit])
-            frames.append(self.decode(latents[:group] + [z.view_as(latents[group])]
-                                      + latents[group + 1:]))
+            z = walk.groups[group].z.clone().flatten(1)
+            z[:, unit] = prior.mean.flatten(1)[:, unit] + v * prior.scale.flatten(1)[:, unit]
+            chosen = {**given, group: z.view_as(walk.groups[group].z)}
+            frames.append(self.sample(len(x), temperature, chosen))
         return torch.stack(frames)
 
     @torch.no_grad()

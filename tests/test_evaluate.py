@@ -209,3 +209,29 @@ def test_an_evaluation_in_parts_resumes_and_equals_one_pass(tiny_run, tmp_path, 
     whole = evaluate_run(whole_dir, k=3, batch_size=50, figures=False, progress=False)
     assert whole['name'] == result['name'] and whole['nll_nats'] == result['nll_nats']
     assert whole['kl_per_group_nats'] == result['kl_per_group_nats']
+
+
+def test_temperatures_and_batch_norm_readjustment(tmp_path, capsys, monkeypatch):
+    "Samples at a temperature per group, and NVAE's batch-norm readjustment, guarded against NaN."
+    import hvae_nb.evaluate as evaluate_module
+    from hvae_nb.train import train
+    preset = apply_overrides(get_preset('lvae_digits'), {'max_steps': '20', 'eval_every': '100', 'save_every': '20',
+                                                        'final_eval_samples': '2'})
+    run_dir = tmp_path / 'run'
+    trained = train(preset, out=run_dir, progress=False)
+    stored = {k: v.clone() for k, v in trained.model.state_dict().items()}
+    result = evaluate_run(run_dir, k=2, max_examples=20, temperature='0.5,0.7,1', readjust_bn=3, progress=False)
+    assert result['readjust_bn'] == dict(passes=3, temperature=(0.5, 0.7, 1.0), applied=True)
+    assert {'temperatures.png', 'latents.png'} <= set(result['figures'])
+    on_disk = Run.open(run_dir).model()
+    assert all(torch.equal(stored[k], v) for k, v in on_disk.state_dict().items())   # the weights on disk untouched
+    # statistics that come out non-finite are refused, and the stored ones kept for the samples
+    def poisoned(model, *args, **kwargs):
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.running_var.fill_(float('nan'))
+        return model
+    monkeypatch.setattr(evaluate_module, 'readjust_batch_norm', poisoned)
+    refused = evaluate_run(run_dir, k=2, max_examples=20, readjust_bn=3, progress=False)
+    assert not refused['readjust_bn']['applied'] and 'non-finite' in refused['readjust_bn']['why']
+    with pytest.raises(SystemExit): main([str(run_dir), '--temperature', '0.5,1', '--no-progress'])
+    assert 'this model has 3 groups' in capsys.readouterr().err
