@@ -135,11 +135,16 @@ class TrainConfig:
     grad_clip: float = 200.0          # max global gradient norm; 0 = no clipping
     # skip updates whose gradient norm exceeds this (VDVAE); 0 = never
     skip_threshold: float = 0.0
+    # after this many consecutive skipped updates, back to the last checkpoint; 0 = never
+    rollback_after: int = 0
+    rollback_lr_factor: float = 0.5   # the learning rate is multiplied by this at each rollback
     ema_decay: float = 0.0            # exponential moving average of the weights; 0 = off
     grad_accum: int = 1               # micro-steps per optimiser step
     num_workers: int = 0              # loader worker processes per process; 0: read in the loop
     horizontal_flip: float = 0.0      # probability of mirroring a training image (NVAE); 0 = off
     sync_batch_norm: int = 0          # 1: batch norms synchronised across processes (NVAE)
+    # recompute one in every N of the model's blocks in the backward pass (1: all); 0 = off
+    activation_checkpointing: int = 0
     eval_every: int = 500
     # validation images scored during training (held out of training where the data has none)
     eval_examples: int = 500
@@ -157,7 +162,8 @@ class TrainConfig:
                             'eval_examples', 'eval_samples', 'final_eval_samples', 'save_every',
                             'keep_checkpoints', 'log_every')
         check_positive_ints(self, 'lr_warmup_steps', 'kl_warmup_steps', 'kl_warmup_hold_steps',
-                            'seed', 'num_workers', minimum=0)
+                            'seed', 'num_workers', 'rollback_after', 'activation_checkpointing',
+                            minimum=0)
         check_number(self, 'lr', 0, 10, open_low=True)
         check_choice(self, 'optimizer', tuple(OPTIMIZERS))
         for name in ('weight_decay', 'free_bits', 'grad_clip', 'skip_threshold', 'max_minutes'):
@@ -166,6 +172,7 @@ class TrainConfig:
         check_number(self, 'optimizer_eps', 0, 1, open_low=True)
         check_number(self, 'kl_warmup_floor', 0, 1)
         check_number(self, 'horizontal_flip', 0, 1)
+        check_number(self, 'rollback_lr_factor', 0, 1, open_low=True)
         check_choice(self, 'sync_batch_norm', (0, 1))
         check_number(self, 'ema_decay', 0, 0.999999)
         check_number(self, 'adam_beta2', 0, 0.999999)

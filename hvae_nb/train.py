@@ -28,7 +28,8 @@ from .data import (DataError, ImageData, ImageSet, StepBatches, fixed_binarizati
 from .configs import (OPTIMIZERS, ConfigError, Preset, TrainConfig, apply_overrides,
                              check_mixed_precision, field_names, load_preset_data,
                              parse_overrides, preset_to_dict)
-from .vae import dataset_nll, evaluating, evaluation_blocks, kl_warmup
+from .vae import (checkpoint_activations, dataset_nll, evaluating, evaluation_blocks,
+                         kl_warmup)
 from .presets import PRESETS, get_preset
 from .runs import SCHEDULE_FIELDS, Resume, Run, RunError
 from .evaluate import gather_scores, my_blocks
@@ -250,12 +251,14 @@ def launch_info(accelerator: Accelerator, data_dir) -> dict:
                 data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
 
 def build_model(preset: Preset, num_processes: int = 1) -> torch.nn.Module:
-    """The preset's model (its batch norms synchronised across processes when the recipe asks);
+    """The preset's model (its blocks' activations recomputed in the backward pass and its batch
+    norms synchronised across processes when the recipe asks);
     a configuration its family accepts but cannot build is a one-line ConfigError."""
     try: model = preset.model.build()
     except (ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"preset {preset.name!r}: the model cannot be built from its "
                           f"configuration: {e}") from None
+    checkpoint_activations(model, preset.train.activation_checkpointing)
     if preset.train.sync_batch_norm and num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -278,13 +281,14 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = make_ema(unwrapped, t.ema_decay)
-    skips, start, trained_before = SkipMonitor(), 0, 0.0
+    skips, start, trained_before, lr_scale = SkipMonitor(), 0, 0.0, 1.0
     if resumed is not None:
         state = run.load_checkpoint(accelerator, resumed.checkpoint, scheduler, ema,
                                     restore_scheduler=not resumed.new_schedule)
         start, skips.total = state['step'], state['skipped_total']
-        trained_before = state.get('seconds', 0.0)
-        if resumed.new_schedule: scheduler = rebuild_scheduler(optimizer, t, start)
+        trained_before, lr_scale = state.get('seconds', 0.0), state.get('lr_scale', 1.0)
+        if resumed.new_schedule or lr_scale != 1:
+            scheduler = rebuild_scheduler(optimizer, replace(t, lr=t.lr * lr_scale), start)
     # everything is checked: from here on we write
     main = accelerator.is_main_process
     if main:
@@ -302,18 +306,20 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     run_began = time.time()
     trained = lambda: trained_before + time.time() - run_began    # seconds, over every resume
     train_state = lambda step: dict(step=step, skipped_total=skips.total, seconds=trained(),
-                                    scheduler=scheduler.state_dict())
+                                    lr_scale=lr_scale, scheduler=scheduler.state_dict())
     bar = tqdm(total=t.max_steps, initial=start, disable=not (progress and main),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30, desc='training')
-    batches = StepBatches(len(train_images), t.batch_size, t.seed, start, t.max_steps,
-                          accelerator.num_processes, accelerator.process_index, t.grad_accum)
-    loader = iter(training_loader(train_images, batches, t.num_workers,
-                                  pin_memory=accelerator.device.type == 'cuda'))
-    prepare = batch_preparer(data, t)
+    def batches_from(step: int):
+        "This process's loader from `step` on (again after a rollback)."
+        batches = StepBatches(len(train_images), t.batch_size, t.seed, step, t.max_steps,
+                              accelerator.num_processes, accelerator.process_index, t.grad_accum)
+        return iter(training_loader(train_images, batches, t.num_workers,
+                                    pin_memory=accelerator.device.type == 'cuda'))
+    loader, prepare = batches_from(start), batch_preparer(data, t)
     model.train()
-    interrupted, done = False, start
+    interrupted, done, step = False, start, start
     with StopRequest() as stop:
-        for step in range(start, t.max_steps):
+        while step < t.max_steps:
             began = time.perf_counter()
             micro_batches = [next(loader) for _ in range(t.grad_accum)]
             waited = time.perf_counter() - began
@@ -324,7 +330,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
             scheduler.step()
             skips.record(record['skipped_update'], step + 1)
             if ema is not None and not record['skipped_update']: ema.update_parameters(unwrapped)
-            done = step + 1
+            done = step = step + 1
             record.update(step=done, beta=beta, lr=lr, skipped=skips.total,
                           images_per_s=t.batch_size / (time.perf_counter() - began),
                           data_wait_s=waited)
@@ -345,6 +351,22 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
             interrupted = not timed_out and stop_requested(stop, accelerator)
             if done % t.save_every == 0 or done == t.max_steps or timed_out or interrupted:
                 run.save_checkpoint(accelerator, done, train_state(done), ema, t.keep_checkpoints)
+            if t.rollback_after and skips.consecutive >= t.rollback_after and run.checkpoints():
+                # diverging: back to the last checkpoint, at a lower learning rate
+                checkpoint = run.checkpoints()[-1]
+                state = run.load_checkpoint(accelerator, checkpoint, scheduler, ema)
+                lr_scale *= t.rollback_lr_factor
+                step = done = state['step']
+                scheduler = rebuild_scheduler(optimizer, replace(t, lr=t.lr * lr_scale), step)
+                log.truncate_after(step)
+                log.write(dict(step=step, rollback=dict(from_step=record['step'], lr_scale=lr_scale,
+                                                        consecutive_skipped=skips.consecutive)))
+                if main: print(f"hvae_nb: {skips.consecutive} consecutive updates skipped at step "
+                               f"{record['step']}: back to {checkpoint.name}, learning rate x "
+                               f"{lr_scale:g}", file=sys.stderr)
+                skips.consecutive, loader = 0, batches_from(step)
+                bar.reset(total=t.max_steps); bar.update(step)
+                continue
             if timed_out or interrupted:
                 message = (f"hvae_nb: time budget of {t.max_minutes} minutes used at step {done} "
                            "(counted over every resume of the run)" if timed_out else

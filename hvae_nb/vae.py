@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['Sampling', 'Group', 'Walk', 'LatentTrace', 'VAEOutput', 'elbo_loss', 'kl_warmup', 'repeat_batch', 'HierarchicalVAE',
-           'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating', 'readjust_batch_norm', 'batches',
-           'iw_log_likelihood', 'evaluation_blocks', 'score_images', 'summarize', 'dataset_nll']
+           'VAEConfig', 'mlp', 'conv_encoder', 'conv_decoder', 'VAE', 'evaluating', 'readjust_batch_norm',
+           'checkpoint_activations', 'batches', 'iw_log_likelihood', 'evaluation_blocks', 'score_images', 'summarize',
+           'dataset_nll']
 
 # %% ../nbs/02_vae.ipynb #6151a5d7
 from abc import ABC, abstractmethod
@@ -15,6 +16,7 @@ import math, sys
 from typing import ClassVar
 import torch
 from torch import nn, Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood,
                                    nats_to_bits_per_dim, sum_except_batch)
@@ -167,6 +169,11 @@ class HierarchicalVAE(nn.Module, ABC):
     def kl_weights(self, kl: Tensor, beta: float) -> Tensor | None:
         "One weight per group for the KL term, given the batch's KL (B, G); None: all ones."
         return None
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The blocks whose activations training may recompute in the backward pass instead of
+        keeping them (`checkpoint_activations`): a deep family's repeated blocks; none by default."""
+        return []
 
     def penalty(self, beta: float) -> Tensor | float:
         "An extra term added to the loss (regularisation); reported on its own."
@@ -385,6 +392,20 @@ def readjust_batch_norm(model: HierarchicalVAE, num_batches: int = 500, batch_si
     model.train()
     for _ in range(num_batches): model.sample(batch_size, temperature)
     return model.eval()
+
+def checkpoint_activations(model: HierarchicalVAE, every: int = 1) -> int:
+    """Make one in every `every` of the model's `checkpoint_blocks` recompute its activations in the
+    backward pass instead of keeping them (`torch.utils.checkpoint`, its random state replayed, so
+    the loss and gradients are the same); 0 leaves the model as it is. Returns how many blocks."""
+    if every <= 0: return 0
+    chosen = model.checkpoint_blocks()[::every]
+    for block in chosen:
+        forward = block.forward
+        def recomputed(*args, forward=forward, **kwargs):
+            if not torch.is_grad_enabled(): return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        block.forward = recomputed
+    return len(chosen)
 
 def batches(images: Tensor, batch_size: int):
     "Consecutive slices of `images` of at most `batch_size`."

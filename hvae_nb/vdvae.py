@@ -345,6 +345,12 @@ class VDVAE(HierarchicalVAE):
         c = self.config.latent_channels
         return [(c, b.resolution, b.resolution) for b in reversed(self.decoder.blocks)]
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """Every residual bottleneck, the encoder's and the decoder blocks' (their prior, posterior and
+        residual): what a deep VDVAE keeps most of, each a function of tensors alone."""
+        parts = [[b.prior, b.posterior, b.residual] for b in self.decoder.blocks]
+        return list(self.encoder.blocks) + [p for block in parts for p in block]
+
     def bottom_up(self, x: Tensor) -> dict[int, Tensor]:
         return self.encoder((255 * x - self.config.input_mean) / self.config.input_std)
 

@@ -144,3 +144,55 @@ def test_mfu_divides_by_a_peak_measured_in_the_run_precision(monkeypatch):
                                         budget_s=0.2, mixed_precision=precision)
         assert asked[-1] == dtype and result['peak_dtype'] == str(dtype).replace('torch.', '')
         assert result['mfu'] == pytest.approx(result['achieved_flops_per_s'] / 1e12)
+
+
+def test_a_diverging_run_rolls_back_to_its_last_checkpoint_at_a_lower_rate(tmp_path, monkeypatch, capsys):
+    "Three non-finite updates in a row (injected at steps 13-15): back to step 10's checkpoint, half the rate."
+    calls = []
+    original = train_module.train_step
+    def diverging(model, optimizer, micro_batches, prepare, step, *args):
+        calls.append(step)
+        hooks = []
+        if step >= 12 and len([s for s in calls if s >= 12]) <= 3:        # the first three times past step 12
+            hooks = [p.register_hook(lambda g: g * float('nan')) for p in model.parameters()]
+        try: return original(model, optimizer, micro_batches, prepare, step, *args)
+        finally:
+            for h in hooks: h.remove()
+    monkeypatch.setattr(train_module, 'train_step', diverging)
+    train_module.main(['--preset', 'vae_digits', '--max-steps', '30', '--save-every', '10', '--no-progress',
+                       '--out', str(tmp_path / 'run'), '--override', 'log_every=1', 'eval_every=1000',
+                       'final_eval_samples=2', 'rollback_after=3', 'lr_warmup_steps=0', 'min_lr_ratio=1'])
+    assert 'back to checkpoint_00000010, learning rate x 0.5' in capsys.readouterr().err
+    records = Run.open(tmp_path / 'run').metrics()
+    rollbacks = [r for r in records if 'rollback' in r]
+    assert rollbacks == [dict(step=10, rollback=dict(from_step=15, lr_scale=0.5, consecutive_skipped=3))]
+    steps = {r['step']: r for r in records if 'loss' in r}
+    assert sorted(steps) == list(range(1, 31))                     # the failed steps were done again
+    assert steps[10]['lr'] == pytest.approx(2e-3) and steps[11]['lr'] == pytest.approx(1e-3)   # a constant rate, halved
+    assert not any(steps[s]['skipped_update'] for s in range(11, 31))
+    assert math.isfinite(records[-1]['test']['nll_nats'])
+    assert calls[:16] == list(range(15)) + [10]                   # step 15's failure sends it back to step 10
+
+
+@pytest.mark.parametrize('name', ['vdvae_digits'])
+def test_activation_checkpointing_keeps_loss_and_gradients_and_saves_memory(name):
+    from hvae_nb.vae import checkpoint_activations
+    x = torch.bernoulli(torch.full((16, 1, 8, 8), 0.3))
+    results = {}
+    for every in (0, 1, 3):
+        torch.manual_seed(0)
+        model = get_preset(name).model.build()
+        blocks = checkpoint_activations(model, every)
+        kept = []                                  # bytes of every tensor the forward keeps for the backward
+        def pack(t): kept.append(t.numel() * t.element_size()); return t
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = model(x)
+        out.objective.backward()
+        results[every] = (out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept),
+                          blocks)
+    loss, gradients, memory, _ = results[0]
+    for every in (1, 3):
+        assert results[every][0] == loss
+        assert all(torch.allclose(results[every][1][n], g, atol=1e-7) for n, g in gradients.items())
+    assert results[1][3] > results[3][3] > 0 and results[0][3] == 0
+    assert results[1][2] < results[3][2] < memory          # fewer activations kept, the more blocks recompute
