@@ -10,7 +10,7 @@ __all__ = ['PRECISIONS', 'DATASHEET_PEAKS', 'LOADER_SOURCES', 'WORKER_FLAGS', 'T
            'benchmark_preset', 'write_random_images', 'write_jpeg_folder', 'loader_throughput', 'data_wait_share',
            'loader_benchmark', 'is_out_of_memory', 'benchmark_or_report', 'worker_arguments', 'worker_timeout',
            'run_isolated', 'images_per_s', 'format_row', 'format_table', 'check_bench_options', 'open_output',
-           'format_loader_table', 'loader_command', 'bench_command', 'main']
+           'format_loader_table', 'loader_command', 'largest_batch', 'fit_command', 'bench_command', 'main']
 
 # %% ../nbs/13_bench.ipynb #479d51e8
 import itertools, json, math, os, platform, resource, statistics, subprocess, sys, tempfile, time
@@ -453,6 +453,37 @@ def loader_command(names: list[str], batch_size, device, out) -> list[dict]:
     print(format_loader_table(results))
     return results
 
+def largest_batch(name: str, budget_mib: float, options: dict, limit: int = 4096) -> dict:
+    """The largest per-process batch of preset `name` whose training step's peak memory (each try
+    in its own process: `run_isolated`) stays within `budget_mib`: doubling, then bisecting."""
+    tries = {}
+    def fits(batch: int) -> bool:
+        result = run_isolated(name, dict(options, batch_size=batch, steps=1, repeats=1, warmup=1))
+        peak = result.get('peak_memory_bytes')
+        tries[batch] = round(peak / 2**20, 1) if peak else result.get('status')
+        return result.get('status') == 'ok' and peak <= budget_mib * 2**20
+    low, high = 0, 1
+    while high <= limit and fits(high): low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle): low = middle
+        else: high = middle
+    return dict(kind='fit', preset=name, budget_mib=budget_mib, largest_batch=low,
+                peak_mib=tries.get(low), tries=dict(sorted(tries.items())))
+
+def fit_command(names: list[str], budget_mib: float, options: dict, out) -> list[dict]:
+    "`--fit MiB`: the largest batch of each preset within the budget, as JSON lines and lines."
+    if not budget_mib > 0: raise ConfigError(f"--fit must be a positive number of MiB, got {budget_mib}")
+    sink, results = open_output(out), []
+    for name in names:
+        result = largest_batch(name, budget_mib, options)
+        print(json.dumps(result), file=sink or sys.stdout, flush=True)
+        print(f"{name}: the largest batch within {budget_mib:,.0f} MiB is {result['largest_batch']} "
+              f"(peak {result['peak_mib']} MiB; tried {result['tries']})")
+        results.append(result)
+    if sink: sink.close()
+    return results
+
 # %% ../nbs/13_bench.ipynb #68422ece
 def bench_command(presets: Param("presets to measure (default: every preset)", str,
                                  nargs='*') = None,
@@ -477,6 +508,8 @@ def bench_command(presets: Param("presets to measure (default: every preset)", s
                   # the loader alone (images/s per source and worker count), and with --presets
                   # the share of their steps spent waiting for data (at --batch-size)
                   loader: store_true = False,
+                  # the largest batch whose training step fits in this many MiB (a process a try)
+                  fit: float = None,
                   # (internal) measure this one preset and print its JSON line
                   worker: str = None):
     "Benchmark presets: throughput, peak memory, FLOPs and MFU, as JSON lines and a table."
@@ -488,6 +521,7 @@ def bench_command(presets: Param("presets to measure (default: every preset)", s
                    threads=threads, mixed_precision=mixed_precision)
     if worker: print(json.dumps(benchmark_or_report(get_preset(worker), **options))); return
     if loader: return loader_command(presets or [], batch_size, device, out)
+    if fit is not None: return fit_command(names, fit, options, out)
     sink, results = open_output(out), []
     for name in names:
         if in_process: result = benchmark_or_report(get_preset(name), **options)

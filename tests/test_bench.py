@@ -131,3 +131,18 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
     for args, expected in in_process:
         with pytest.raises(SystemExit) as exit_status: bench.main([str(a) for a in args])
         check_one_line(args, expected, exit_status.value.code, capsys.readouterr().err)
+
+
+def test_the_largest_batch_within_a_memory_budget(monkeypatch):
+    "Doubling then bisecting, each try a benchmark run: against a memory that grows by 1 MiB an image."
+    from hvae_nb import bench
+    tried = []
+    def fake_run(name, options):
+        tried.append(options['batch_size'])
+        return dict(status='ok', peak_memory_bytes=(100 + options['batch_size']) * 2**20)
+    monkeypatch.setattr(bench, 'run_isolated', fake_run)
+    result = bench.largest_batch('vae_digits', 400, {})
+    assert result['largest_batch'] == 300 and result['peak_mib'] == 400
+    assert tried[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and len(tried) < 20
+    monkeypatch.setattr(bench, 'run_isolated', lambda name, options: dict(status='oom'))
+    assert bench.largest_batch('vae_digits', 400, {})['largest_batch'] == 0
