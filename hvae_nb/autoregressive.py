@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn, Tensor
 from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood, soft_clamp,
                                    sum_except_batch)
@@ -59,7 +60,7 @@ class MADE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         "(B, params_per_dim, dims): the parameters of every conditional, from one pass."
-        return self.net(x.flatten(1)).view(x.shape[0], self.params_per_dim, self.dims)
+        return rearrange(self.net(x.flatten(1)), "b (p d) -> b p d", p=self.params_per_dim)
 
     def dependencies(self) -> Tensor:
         "(dims, dims) booleans: whether output d can depend on input e, by the masks alone."
@@ -224,7 +225,8 @@ class PixelDecoder(nn.Module):
         self.gain, self.bias = nn.Parameter(torch.ones(pixels)), nn.Parameter(torch.zeros(pixels))
 
     def forward(self, z: Tensor) -> Tensor:
-        return (self.gain * z + self.bias).view(-1, *self.image_shape)
+        c, h, w = self.image_shape
+        return rearrange(self.gain * z + self.bias, "b (c h w) -> b c h w", c=c, h=h, w=w)
 
 @register_family
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from fastcore.imports import in_notebook
 from fastcore.script import Param, store_true
 from PIL import Image
@@ -1010,11 +1011,8 @@ def image_grid(images, nrow: int = 8, padding: int = 1, pad_value: float = 0.5) 
     nrow = min(nrow, count)
     rows = -(-count // nrow)  # ceiling division
     images = F.pad(images, (padding,)*4, value=pad_value)
-    tile_height, tile_width = images.shape[-2:]
-    blanks = images.new_full((rows*nrow - count, channels, tile_height, tile_width), pad_value)
-    images = torch.cat([images, blanks])
-    tiles = images.reshape(rows, nrow, channels, tile_height, tile_width)
-    return tiles.permute(2, 0, 3, 1, 4).reshape(channels, rows*tile_height, nrow*tile_width)
+    blanks = images.new_full((rows*nrow - count, *images.shape[1:]), pad_value)
+    return rearrange(torch.cat([images, blanks]), "(row col) c h w -> c (row h) (col w)", col=nrow)
 
 def show_images(images, nrow: int = 8, ax=None, title: str | None = None,
                 inches_per_image: float = 0.7):
@@ -1026,7 +1024,7 @@ def show_images(images, nrow: int = 8, ax=None, title: str | None = None,
         columns = grid.shape[2] / (images.shape[-1] + 2)
         _, ax = plt.subplots(figsize=(columns*inches_per_image, rows*inches_per_image + 0.4))
     if grid.shape[0] == 1: ax.imshow(grid[0], cmap="gray", vmin=0, vmax=1)
-    else: ax.imshow(grid.permute(1, 2, 0).numpy())
+    else: ax.imshow(rearrange(grid, "c h w -> h w c").numpy())
     ax.set_axis_off()
     if title: ax.set_title(title)
     return ax

@@ -11,6 +11,7 @@ __all__ = ['LOG_2PI', 'gaussian_kl', 'DiagonalGaussian', 'soft_clamp', 'gaussian
 import math
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 # %% ../nbs/00_distributions.ipynb #e5126c42
@@ -64,7 +65,7 @@ def gaussian_params(t: Tensor) -> tuple[Tensor, Tensor]:
     if t.shape[1] % 2:
         raise ValueError("a Gaussian needs an even number of channels (mean, log-scale), "
                          f"got shape {tuple(t.shape)}")
-    mean, log_scale = t.chunk(2, dim=1)
+    mean, log_scale = rearrange(t, "b (two c) ... -> two b c ...", two=2)
     return mean, soft_clamp(log_scale)
 
 # %% ../nbs/00_distributions.ipynb #3d993ba7
@@ -101,7 +102,7 @@ class DiscretizedLogisticMixture:
         if self.num_params(channels) != p:
             raise ValueError(f"logistic mixture: {p} parameter channels do not fit "
                              f"{m} mixtures of any channel count")
-        logits, rest = params[:, :m], params[:, m:].reshape(b, m, per_mixture - 1, h, w)
+        logits, rest = params[:, :m], rearrange(params[:, m:], "b (m p) h w -> b m p h w", m=m)
         means = rest[:, :, :channels]
         log_scales = soft_clamp(rest[:, :, channels:2 * channels]) - 2.0
         coefficients = torch.tanh(rest[:, :, 2 * channels:])

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn, Tensor
 from torch.utils.checkpoint import checkpoint
+from einops import rearrange, repeat
 from tqdm import tqdm
 from .distributions import (DiagonalGaussian, gaussian_params, make_likelihood,
                                    nats_to_bits_per_dim, sum_except_batch)
@@ -130,9 +131,9 @@ def kl_warmup(step: int, warmup_steps: int, floor: float = 0.0, hold_steps: int 
 # %% ../nbs/02_vae.ipynb #d8ecbb2e
 def repeat_batch(features, k: int):
     """Every tensor in `features` (nested in lists, tuples and dicts) repeated k times along the
-    batch, as `x.repeat(k, 1, ...)`: row j*B + i is example i."""
+    batch: row j*B + i is example i, for walk j."""
     if isinstance(features, Tensor):
-        return features.repeat(k, *([1] * (features.dim() - 1))) if features.dim() else features
+        return repeat(features, "b ... -> (k b) ...", k=k) if features.dim() else features
     if isinstance(features, dict): return {key: repeat_batch(v, k) for key, v in features.items()}
     if isinstance(features, (list, tuple)):
         return type(features)(repeat_batch(v, k) for v in features)
@@ -214,7 +215,7 @@ class HierarchicalVAE(nn.Module, ABC):
         """(k, B): `log_weight` for k draws per example. The bottom-up pass is deterministic, so it
         runs once and its features are repeated for the k walks down."""
         t = self.trace(repeat_batch(x, k), repeat_batch(self.bottom_up(x), k))
-        return t.log_weight.view(k, x.shape[0])
+        return rearrange(t.log_weight, "(k b) -> k b", k=k)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float | list = 1.0,
