@@ -5,9 +5,8 @@
 # %% auto #0
 __all__ = ['LIKELIHOODS', 'MODEL_FAMILIES', 'BUILT_IN_FAMILIES', 'OPTIMIZERS', 'ALIASES', 'ConfigError', 'invalid', 'is_int',
            'check_positive_ints', 'check_sizes', 'check_number', 'check_choice', 'ModelConfig', 'register_family',
-           'family_config', 'TrainConfig', 'Preset', 'load_preset_data', 'field_names', 'parse_value',
-           'unknown_override', 'apply_overrides', 'parse_overrides', 'preset_to_dict', 'from_fields',
-           'preset_from_dict', 'check_mixed_precision', 'check_device']
+           'family_config', 'TrainConfig', 'Preset', 'load_preset_data', 'field_names', 'apply_overrides',
+           'parse_overrides', 'preset_to_dict', 'preset_from_dict', 'check_mixed_precision', 'check_device']
 
 # %% ../nbs/01a_configs.ipynb #31594833
 from dataclasses import asdict, dataclass, fields, replace
@@ -219,7 +218,7 @@ ALIASES = {'learning_rate': 'lr', 'steps': 'max_steps', 'num_steps': 'max_steps'
 
 def field_names(config) -> list[str]: return [f.name for f in fields(config)]
 
-def parse_value(text: str, current, key: str):
+def _parse_value(text: str, current, key: str):
     "Parse `text` to the type of the field's current value (integers may be written 1e4)."
     def number(kind, part: str):
         if kind is int:
@@ -242,7 +241,7 @@ def parse_value(text: str, current, key: str):
         kind = f"tuple of {type(current[0]).__name__}" if nonempty_tuple else type(current).__name__
         raise ConfigError(f"override {key}={text!r}: expected a value of type {kind}") from None
 
-def unknown_override(key: str, preset: Preset) -> ConfigError:
+def _unknown_override(key: str, preset: Preset) -> ConfigError:
     """The error for a key that names no field, with the closest field or the alias it was probably
     meant as."""
     known = ([f'model.{n}' for n in field_names(preset.model)]
@@ -267,11 +266,11 @@ def apply_overrides(preset: Preset, overrides: dict[str, str]) -> Preset:
                                      if name in field_names(getattr(preset, p))]
         if (part not in ('', 'model', 'train') or not parts
                 or name not in field_names(getattr(preset, parts[0]))):
-            raise unknown_override(key, preset)
+            raise _unknown_override(key, preset)
         if len(parts) > 1:
             raise ConfigError(f"override {key!r} is ambiguous: say model.{name} or train.{name}")
         current = getattr(getattr(preset, parts[0]), name)
-        changes[parts[0]][name] = parse_value(text, current, key)
+        changes[parts[0]][name] = _parse_value(text, current, key)
     return replace(preset, dataset=dataset, model=replace(preset.model, **changes['model']),
                    train=replace(preset.train, **changes['train']))
 
@@ -290,7 +289,7 @@ def preset_to_dict(preset: Preset) -> dict:
                 model=dict(family=preset.model.family, **asdict(preset.model)),
                 train=asdict(preset.train))
 
-def from_fields(cls, values: dict):
+def _from_fields(cls, values: dict):
     """Build configuration class `cls` from JSON values (the configuration turns lists back into
     tuples)."""
     unknown = set(values) - set(field_names(cls))
@@ -300,8 +299,8 @@ def from_fields(cls, values: dict):
 def preset_from_dict(d: dict) -> Preset:
     model = dict(d['model'])
     family = model.pop('family')
-    return Preset(d['name'], d['dataset'], from_fields(family_config(family), model),
-                  from_fields(TrainConfig, d['train']), d.get('description', ''))
+    return Preset(d['name'], d['dataset'], _from_fields(family_config(family), model),
+                  _from_fields(TrainConfig, d['train']), d.get('description', ''))
 
 # %% ../nbs/01a_configs.ipynb #ae0bcb5d
 def check_mixed_precision(mode: str):

@@ -42,21 +42,15 @@ from . import __version__
 from .cli import exit_with_error, parse_arguments, run_command
 
 # %% auto #0
-__all__ = ['DATA_DIR_ENV', 'DEFAULT_DATA_DIR', 'MNIST_MIRRORS', 'OFFICIAL_FILES', 'BINARIZED_MNIST_URL', 'IDX_DIMENSIONS',
-           'MNIST_FILES', 'BINARIZED_MNIST_ROWS', 'BINARIZED_MNIST_FILE', 'MNIST_PIXELS', 'CIFAR_RECORD_BYTES',
-           'CIFAR_BATCHES', 'CIFAR_ARCHIVE', 'CIFAR_EXTRACTED', 'DIGITS_TRAIN_SIZE', 'DATASETS', 'IMAGE_SUFFIXES',
-           'CELEBA_PARTITIONS', 'PACK_RECIPES', 'PACKED_INFO', 'FULL_CHECK_BYTES', 'FINGERPRINT_BLOCKS',
-           'FINGERPRINT_BLOCK', 'DATASET_NAME', 'VDVAE_ARRAYS', 'DATA_COMMANDS', 'DataError', 'resolve_data_dir',
-           'RemoteFile', 'download_file', 'ensure_file', 'read_idx', 'load_mnist', 'load_binarized_mnist',
-           'download_binarized_mnist', 'parse_cifar_records', 'load_cifar10', 'load_digits_images', 'ArrayFile',
-           'ImageSet', 'to_unit_interval', 'binarize', 'fixed_binarization', 'ImageData', 'digits_data', 'mnist_data',
-           'binarized_mnist_data', 'binarized_mnist_trainval_data', 'cifar10_data', 'mnist8bit_data', 'load_data',
-           'find_images', 'decode_image', 'ImageFiles', 'seeded_split', 'listed_split', 'celeba_partition_split',
-           'release_folders_split', 'permutation_tail_split', 'first_images_split', 'PackRecipe', 'recipe_data',
-           'file_sha256', 'file_fingerprint', 'file_record', 'verify_file', 'read_packed_info', 'read_image_array',
-           'packed_data', 'npy_header', 'pack_images', 'read_pixel_array', 'vdvae_array_data', 'image_grid',
-           'show_images', 'epoch_order', 'global_batch_indices', 'micro_batch_slices', 'StepBatches', 'training_loader',
-           'prepare_batch', 'reduce_bits', 'random_subset', 'pack_command', 'verify_command', 'main']
+__all__ = ['DATA_DIR_ENV', 'DEFAULT_DATA_DIR', 'OFFICIAL_FILES', 'BINARIZED_MNIST_URL', 'MNIST_FILES', 'BINARIZED_MNIST_ROWS',
+           'BINARIZED_MNIST_FILE', 'MNIST_PIXELS', 'CIFAR_ARCHIVE', 'CIFAR_EXTRACTED', 'DIGITS_TRAIN_SIZE', 'DATASETS',
+           'IMAGE_SUFFIXES', 'CELEBA_PARTITIONS', 'PACK_RECIPES', 'PACKED_INFO', 'DATASET_NAME', 'VDVAE_ARRAYS',
+           'DataError', 'resolve_data_dir', 'RemoteFile', 'download_file', 'ensure_file', 'read_idx', 'load_mnist',
+           'load_binarized_mnist', 'download_binarized_mnist', 'parse_cifar_records', 'load_cifar10',
+           'load_digits_images', 'ArrayFile', 'ImageSet', 'binarize', 'fixed_binarization', 'ImageData', 'digits_data',
+           'load_data', 'find_images', 'decode_image', 'ImageFiles', 'PackRecipe', 'file_sha256', 'read_packed_info',
+           'npy_header', 'pack_images', 'image_grid', 'show_images', 'global_batch_indices', 'micro_batch_slices',
+           'StepBatches', 'training_loader', 'prepare_batch', 'reduce_bits', 'random_subset', 'main']
 
 # %% ../nbs/01_data.ipynb #9ff99457
 class DataError(ValueError):
@@ -82,11 +76,11 @@ class RemoteFile:
     md5: str | None = None
     sha256: str | None = None
 
-MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+_MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "http://yann.lecun.com/exdb/mnist/")
 
 def _mnist_file(name: str, md5: str, sha256: str) -> RemoteFile:
-    return RemoteFile(tuple(mirror + name for mirror in MNIST_MIRRORS), md5=md5, sha256=sha256)
+    return RemoteFile(tuple(mirror + name for mirror in _MNIST_MIRRORS), md5=md5, sha256=sha256)
 
 # Keys are paths relative to the data directory.
 OFFICIAL_FILES: dict[str, RemoteFile] = {
@@ -165,7 +159,7 @@ def ensure_file(data_dir: Path, relative: str, download: bool) -> Path:
 
 # %% ../nbs/01_data.ipynb #a71faab5
 # magic number -> dimensions: images (count, rows, columns), labels (count,)
-IDX_DIMENSIONS = {2051: 3, 2049: 1}
+_IDX_DIMENSIONS = {2051: 3, 2049: 1}
 
 def _read_gzip(path: Path) -> bytes:
     if not path.is_file(): raise DataError(f"{path}: no such file")
@@ -180,11 +174,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     raw = _read_gzip(path)
     if len(raw) < 4: raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
     magic = struct.unpack(">I", raw[:4])[0]
-    if magic not in IDX_DIMENSIONS:
+    if magic not in _IDX_DIMENSIONS:
         raise DataError(f"{path}: magic number {magic}, expected 2051 (images) or 2049 (labels)")
-    header_length = 4 + 4*IDX_DIMENSIONS[magic]
+    header_length = 4 + 4*_IDX_DIMENSIONS[magic]
     if len(raw) < header_length: raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    shape = struct.unpack(f">{IDX_DIMENSIONS[magic]}I", raw[4:header_length])
+    shape = struct.unpack(f">{_IDX_DIMENSIONS[magic]}I", raw[4:header_length])
     expected = header_length + int(np.prod(shape))
     if len(raw) != expected:
         raise DataError(f"{path}: header promises shape {shape}, i.e. {expected} bytes, "
@@ -285,18 +279,18 @@ def download_binarized_mnist(path: Path) -> Path:
     return _save_npz_atomically(path, packed)
 
 # %% ../nbs/01_data.ipynb #b34134b7
-CIFAR_RECORD_BYTES = 1 + 3*32*32
-CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+_CIFAR_RECORD_BYTES = 1 + 3*32*32
+_CIFAR_BATCHES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
                  "test": ("test_batch.bin",)}
 CIFAR_ARCHIVE = "cifar10/cifar-10-binary.tar.gz"
 CIFAR_EXTRACTED = "cifar10/cifar-10-batches-bin"
 
 def parse_cifar_records(raw: bytes, source) -> tuple[np.ndarray, np.ndarray]:
     "Decode CIFAR-10 binary records into uint8 images (N,3,32,32) and int64 labels (N,)."
-    if len(raw) == 0 or len(raw) % CIFAR_RECORD_BYTES:
+    if len(raw) == 0 or len(raw) % _CIFAR_RECORD_BYTES:
         raise DataError(f"{source}: {len(raw)} bytes is not a whole number of "
-                        f"{CIFAR_RECORD_BYTES}-byte records")
-    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, CIFAR_RECORD_BYTES)
+                        f"{_CIFAR_RECORD_BYTES}-byte records")
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
     images = records[:, 1:].reshape(-1, 3, 32, 32).copy()
     return images, _check_labels(records[:, 0], len(records), source)
 
@@ -322,9 +316,9 @@ def _batches_from_archive(archive: Path, names) -> list[tuple[bytes, str]]:
 def load_cifar10(split: str, data_dir=None,
                  download: bool = False) -> tuple[np.ndarray, np.ndarray]:
     "CIFAR-10 `split` ('train' or 'test') as uint8 images (N,3,32,32) and int64 labels (N,)."
-    _check_split(split, CIFAR_BATCHES)
+    _check_split(split, _CIFAR_BATCHES)
     root = resolve_data_dir(data_dir)
-    archive, extracted, names = root/CIFAR_ARCHIVE, root/CIFAR_EXTRACTED, CIFAR_BATCHES[split]
+    archive, extracted, names = root/CIFAR_ARCHIVE, root/CIFAR_EXTRACTED, _CIFAR_BATCHES[split]
     if extracted.is_dir(): batches = _batches_from_folder(extracted, names)
     elif archive.exists() or download:
         batches = _batches_from_archive(ensure_file(root, CIFAR_ARCHIVE, download), names)
@@ -451,7 +445,7 @@ class ImageSet(Dataset):
 
     def __getitem__(self, index) -> Tensor:
         "float32 images in [0, 1]: (B, C, H, W), or (C, H, W) for an integer index."
-        return to_unit_interval(self.uint8(index), self.scale)
+        return _to_unit_interval(self.uint8(index), self.scale)
 
     def __getitems__(self, indices: list[int]) -> Tensor:
         """What a DataLoader asks for a batch: the uint8 images (B, C, H, W), made float on the
@@ -477,7 +471,7 @@ class ImageSet(Dataset):
         return (f"ImageSet({len(self)} uint8 images of shape {self.shape}, {where}, "
                 f"white = {self.scale})")
 
-def to_unit_interval(images: Tensor, scale: float) -> Tensor:
+def _to_unit_interval(images: Tensor, scale: float) -> Tensor:
     "uint8 images as float32 in [0, 1], on their device: where a batch becomes float."
     return images.float().div_(scale)
 
@@ -526,32 +520,32 @@ def digits_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     return ImageData("digits", train, fixed_binarization(test, test_seed), "bernoulli",
                      dynamic_binarization=True)
 
-def mnist_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _mnist_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     train, test = (ImageSet(load_mnist(split, data_dir, download)[0])
                    for split in ("train", "test"))
     return ImageData("mnist", train, fixed_binarization(test, test_seed), "bernoulli",
                      dynamic_binarization=True)
 
-def binarized_mnist_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _binarized_mnist_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     # already binary on disk, so test_seed has nothing to choose
     train, valid, test = (ImageSet(load_binarized_mnist(split, data_dir, download), scale=1)
                           for split in ("train", "valid", "test"))
     return ImageData("binarized_mnist", train, test, "bernoulli", dynamic_binarization=False,
                      valid=valid)
 
-def binarized_mnist_trainval_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _binarized_mnist_trainval_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     # The final-training variant: the 10,000 validation images join the 50,000 training images.
     train, valid, test = (load_binarized_mnist(split, data_dir, download)
                           for split in ("train", "valid", "test"))
     return ImageData("binarized_mnist_trainval", ImageSet(np.concatenate([train, valid]), scale=1),
                      ImageSet(test, scale=1), "bernoulli", dynamic_binarization=False)
 
-def cifar10_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _cifar10_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     train, test = (ImageSet(load_cifar10(split, data_dir, download)[0])
                    for split in ("train", "test"))
     return ImageData("cifar10", train, test, "logistic_mixture", dynamic_binarization=False)
 
-def mnist8bit_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _mnist8bit_data(data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     # The same files as `mnist`, but the grey levels are the data: 8-bit pixels for the logistic
     # mixture.
     train, test = (ImageSet(load_mnist(split, data_dir, download)[0])
@@ -559,9 +553,9 @@ def mnist8bit_data(data_dir=None, download=False, test_seed: int = 0) -> ImageDa
     return ImageData("mnist8bit", train, test, "logistic_mixture", dynamic_binarization=False)
 
 DATASETS: dict[str, Callable[..., ImageData]] = {
-    "digits": digits_data, "mnist": mnist_data, "binarized_mnist": binarized_mnist_data,
-    "binarized_mnist_trainval": binarized_mnist_trainval_data, "cifar10": cifar10_data,
-    "mnist8bit": mnist8bit_data}
+    "digits": digits_data, "mnist": _mnist_data, "binarized_mnist": _binarized_mnist_data,
+    "binarized_mnist_trainval": _binarized_mnist_trainval_data, "cifar10": _cifar10_data,
+    "mnist8bit": _mnist8bit_data}
 
 def load_data(name: str, data_dir=None, download: bool = False, test_seed: int = 0) -> ImageData:
     """The dataset `name`: one of `DATASETS`, or a dataset packed under the data directory by
@@ -570,7 +564,7 @@ def load_data(name: str, data_dir=None, download: bool = False, test_seed: int =
         return DATASETS[name](data_dir=data_dir, download=download, test_seed=test_seed)
     root = resolve_data_dir(data_dir)
     if DATASET_NAME.fullmatch(name) and (root / name / PACKED_INFO).is_file():
-        return packed_data(name, data_dir)
+        return _packed_data(name, data_dir)
     packed = sorted(p.parent.name for p in root.glob(f"*/{PACKED_INFO}")) if root.is_dir() else []
     raise DataError(f"unknown dataset {name!r}: not built in ({', '.join(DATASETS)}) and not "
                     f"packed in {root} (packed there: {', '.join(packed) or 'none'}); pack a "
@@ -634,7 +628,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Tensor: return self.__getitems__([index])[0]
 
 # %% ../nbs/01_data.ipynb #30109c1e
-def seeded_split(files: list[Path], source: Path, test_fraction: float = 0.05, seed: int = 0,
+def _seeded_split(files: list[Path], source: Path, test_fraction: float = 0.05, seed: int = 0,
                  **unused) -> dict[str, np.ndarray]:
     "Hold out a seeded random `test_fraction` of the images as the test split."
     if len(files) < 2: raise DataError(f"{source}: one image cannot make a train and a test split")
@@ -652,7 +646,7 @@ def _named(files: list[Path], source: Path, names: list[str], listing: Path) -> 
                         f"e.g. {unknown[0]}")
     return {n: position[n] for n in names}
 
-def listed_split(files: list[Path], source: Path, test_list: str,
+def _listed_split(files: list[Path], source: Path, test_list: str,
                  **unused) -> dict[str, np.ndarray]:
     "The test split is the images a file lists, one per line (paths relative to SOURCE, or names)."
     listing = Path(test_list)
@@ -663,11 +657,11 @@ def listed_split(files: list[Path], source: Path, test_list: str,
 
 CELEBA_PARTITIONS = {"0": "train", "1": "valid", "2": "test"}
 
-def celeba_partition_split(files: list[Path], source: Path, partition: str | None = None,
+def _celeba_partition_split(files: list[Path], source: Path, partition: str | None = None,
                            **settings) -> dict[str, np.ndarray]:
     """CelebA's official partition (`list_eval_partition.txt`: "000001.jpg 0" per line, 0 train,
     1 valid, 2 test) when given, else a seeded split."""
-    if partition is None: return seeded_split(files, source, **settings)
+    if partition is None: return _seeded_split(files, source, **settings)
     listing = Path(partition)
     if not listing.is_file(): raise DataError(f"--partition {listing} does not exist")
     rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
@@ -678,7 +672,7 @@ def celeba_partition_split(files: list[Path], source: Path, partition: str | Non
     return {split: np.sort([where[name] for name, code in rows if CELEBA_PARTITIONS[code] == split])
             for split in CELEBA_PARTITIONS.values()}
 
-def release_folders_split(files: list[Path], source: Path, **unused) -> dict[str, np.ndarray]:
+def _release_folders_split(files: list[Path], source: Path, **unused) -> dict[str, np.ndarray]:
     """The down-sampled ImageNet of van den Oord et al. (2016): images under `train_*` folders are
     the training split, under `valid_*` the test split (as openai/vdvae and NVAE use them)."""
     top = np.array([f.relative_to(source).parts[0] for f in files])
@@ -689,7 +683,7 @@ def release_folders_split(files: list[Path], source: Path, **unused) -> dict[str
                         "of PNG images")
     return splits
 
-def permutation_tail_split(files: list[Path], source: Path, seed: int, held_out: int,
+def _permutation_tail_split(files: list[Path], source: Path, seed: int, held_out: int,
                            **unused) -> dict[str, np.ndarray]:
     "openai/vdvae's FFHQ-256 split: the last `held_out` of a permutation seeded with `seed`."
     if len(files) <= held_out:
@@ -697,7 +691,7 @@ def permutation_tail_split(files: list[Path], source: Path, seed: int, held_out:
     order = np.random.RandomState(seed).permutation(len(files))
     return {"train": np.sort(order[:-held_out]), "test": np.sort(order[-held_out:])}
 
-def first_images_split(files: list[Path], source: Path, train_count: int,
+def _first_images_split(files: list[Path], source: Path, train_count: int,
                        **unused) -> dict[str, np.ndarray]:
     "The first `train_count` images (by name) train, the rest test (openai/vdvae's FFHQ-1024)."
     if len(files) <= train_count:
@@ -716,43 +710,43 @@ class PackRecipe:
 
 PACK_RECIPES = {
     # NVAE's CropCelebA64: the box (15, 40, 178 - 15, 218 - 30) of the 178x218 aligned images
-    "celeba64": PackRecipe(64, celeba_partition_split, "CelebA's img_align_celeba/ folder (202,599 "
+    "celeba64": PackRecipe(64, _celeba_partition_split, "CelebA's img_align_celeba/ folder (202,599 "
                            "aligned 178x218 JPEGs); --partition list_eval_partition.txt gives the "
                            "official split (NVAE reports the valid partition)",
                            crop=(15, 40, 163, 188)),
-    "celebahq256": PackRecipe(256, seeded_split, "the 30,000 CelebA-HQ images (e.g. "
+    "celebahq256": PackRecipe(256, _seeded_split, "the 30,000 CelebA-HQ images (e.g. "
                               "CelebAMask-HQ's CelebA-HQ-img/); 3,000 held out at random (NVAE's "
                               "27,000/3,000 split came with GLOW's TFRecords)",
                               settings=dict(test_fraction=0.1)),
-    "ffhq256": PackRecipe(256, permutation_tail_split, "FFHQ's images1024x1024/ (70,000 PNGs), "
+    "ffhq256": PackRecipe(256, _permutation_tail_split, "FFHQ's images1024x1024/ (70,000 PNGs), "
                           "resized as NVAE and openai/vdvae did; test: the last 7,000 of "
                           "openai/vdvae's permutation (seed 5)",
                           settings=dict(seed=5, held_out=7000)),
-    "ffhq1024": PackRecipe(1024, first_images_split, "FFHQ's images1024x1024/ (70,000 PNGs); "
+    "ffhq1024": PackRecipe(1024, _first_images_split, "FFHQ's images1024x1024/ (70,000 PNGs); "
                            "test: images 65000-69999, as openai/vdvae's setup_ffhq1024.sh",
                            settings=dict(train_count=65_000)),
-    "imagenet32": PackRecipe(32, release_folders_split, "van den Oord et al.'s down-sampled "
+    "imagenet32": PackRecipe(32, _release_folders_split, "van den Oord et al.'s down-sampled "
                              "ImageNet: "
                              "train_32x32.tar and valid_32x32.tar, extracted into one folder"),
-    "imagenet64": PackRecipe(64, release_folders_split, "van den Oord et al.'s down-sampled "
+    "imagenet64": PackRecipe(64, _release_folders_split, "van den Oord et al.'s down-sampled "
                              "ImageNet: "
                              "train_64x64.tar and valid_64x64.tar, extracted into one folder"),
 }
 
-def recipe_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _recipe_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     "A dataset a paper's recipe packs (`PACK_RECIPES`), or a DataError saying how to pack it."
     folder = resolve_data_dir(data_dir) / name
     if not (folder / PACKED_INFO).is_file():
         raise DataError(f"{folder} holds no packed {name}: obtain {PACK_RECIPES[name].obtain}, "
                         f"then run python -m hvae_nb.data pack SOURCE --dataset {name}")
-    return packed_data(name, data_dir)
+    return _packed_data(name, data_dir)
 
-DATASETS.update({name: partial(recipe_data, name) for name in ("celeba64", "celebahq256")})
+DATASETS.update({name: partial(_recipe_data, name) for name in ("celeba64", "celebahq256")})
 
 # %% ../nbs/01_data.ipynb #b1715e1d
 PACKED_INFO = "dataset.json"     # DIR/NAME/dataset.json describes a packed dataset
-FULL_CHECK_BYTES = 2 ** 30       # files up to 1 GiB are hashed whole at every load
-FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 64, 2 ** 20
+_FULL_CHECK_BYTES = 2 ** 30       # files up to 1 GiB are hashed whole at every load
+_FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK = 64, 2 ** 20
 
 def file_sha256(path: Path) -> str:
     "The SHA-256 of a whole file, read in 1 MiB chunks."
@@ -761,31 +755,31 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""): hasher.update(chunk)
     return hasher.hexdigest()
 
-def file_fingerprint(path: Path) -> str:
+def _file_fingerprint(path: Path) -> str:
     """A quick checksum of a large file: its size and the SHA-256 of 64 blocks of 1 MiB spread
     evenly over it (a truncated or rewritten array is caught without reading 100 GB)."""
     size = path.stat().st_size
     hasher = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
-        for i in range(FINGERPRINT_BLOCKS):
-            f.seek(i * max(0, size - FINGERPRINT_BLOCK) // max(1, FINGERPRINT_BLOCKS - 1))
-            hasher.update(f.read(FINGERPRINT_BLOCK))
+        for i in range(_FINGERPRINT_BLOCKS):
+            f.seek(i * max(0, size - _FINGERPRINT_BLOCK) // max(1, _FINGERPRINT_BLOCKS - 1))
+            hasher.update(f.read(_FINGERPRINT_BLOCK))
     return hasher.hexdigest()
 
-def file_record(path: Path) -> dict:
+def _file_record(path: Path) -> dict:
     "What dataset.json keeps of one packed array: its name, size and both checksums."
     return dict(file=path.name, bytes=path.stat().st_size, sha256=file_sha256(path),
-                fingerprint=file_fingerprint(path))
+                fingerprint=_file_fingerprint(path))
 
-def verify_file(path: Path, record: dict, full: bool | None = None):
+def _verify_file(path: Path, record: dict, full: bool | None = None):
     """Check `path` against its `record` in dataset.json: size, then the whole-file SHA-256 (files
-    up to `FULL_CHECK_BYTES`, or `full=True`) or the fingerprint; a DataError when it changed."""
+    up to `_FULL_CHECK_BYTES`, or `full=True`) or the fingerprint; a DataError when it changed."""
     if not path.is_file(): raise DataError(f"{path} is missing (listed in {PACKED_INFO})")
     size = path.stat().st_size
-    full = size <= FULL_CHECK_BYTES if full is None else full
+    full = size <= _FULL_CHECK_BYTES if full is None else full
     changed = (size != record["bytes"] or
                (file_sha256(path) != record["sha256"] if full
-                else file_fingerprint(path) != record["fingerprint"]))
+                else _file_fingerprint(path) != record["fingerprint"]))
     if changed:
         raise DataError(f"{path}: checksum does not match {path.parent / PACKED_INFO} (the file "
                         "changed after it was packed): pack the dataset again")
@@ -803,7 +797,7 @@ def read_packed_info(folder: Path) -> dict:
         raise DataError(f"{path} is corrupt: it lists no train and test splits")
     return info
 
-def read_image_array(path: Path, channels=(1, 3)) -> ArrayFile:
+def _read_image_array(path: Path, channels=(1, 3)) -> ArrayFile:
     """A `.npy` of uint8 images (N, H, W, C) on disk: only the header is read here, pixels when a
     batch asks for them."""
     try: array = ArrayFile(path)
@@ -815,15 +809,15 @@ def read_image_array(path: Path, channels=(1, 3)) -> ArrayFile:
                         f"images (N, H, W, {wanted})")
     return array
 
-def packed_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _packed_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     """A dataset written by `pack_images` under DIR/`name`/: its arrays memory-mapped after their
     checksums are verified; 8-bit pixels, scored by the logistic mixture."""
     folder = resolve_data_dir(data_dir) / name
     info = read_packed_info(folder)
     splits = {}
     for split, record in info["splits"].items():
-        verify_file(folder / record["file"], record)
-        splits[split] = ImageSet(read_image_array(folder / record["file"]), layout="NHWC")
+        _verify_file(folder / record["file"], record)
+        splits[split] = ImageSet(_read_image_array(folder / record["file"]), layout="NHWC")
     return ImageData(name, splits["train"], splits["test"], "logistic_mixture",
                      dynamic_binarization=False, valid=splits.get("valid"))
 
@@ -913,7 +907,7 @@ def pack_images(source, name: str | None = None, size: int | None = None,
     if final.exists():
         raise DataError(f"{final} already exists: remove it, or pack under another --name")
     files = find_images(source)
-    split = recipe.split if recipe is not None else (listed_split if test_list else seeded_split)
+    split = recipe.split if recipe is not None else (_listed_split if test_list else _seeded_split)
     settings = {**dict(test_fraction=test_fraction, seed=seed, test_list=test_list,
                        partition=partition), **(recipe.settings if recipe is not None else {})}
     splits = {k: v for k, v in split(files, source, **settings).items() if len(v)}
@@ -932,7 +926,7 @@ def pack_images(source, name: str | None = None, size: int | None = None,
                 path = temporary / f"{split_name}.npy"
                 chosen = [files[i] for i in positions]
                 skipped += _write_split(path, chosen, size, channels, decode, pool, bar)
-                records[split_name] = dict(file_record(path),
+                records[split_name] = dict(_file_record(path),
                                            count=len(ArrayFile(path)))
         bar.close()
         empty = [s for s, r in records.items() if r["count"] == 0]
@@ -959,7 +953,7 @@ VDVAE_ARRAYS = {
     "ffhq1024": ("ffhq1024-train.npy", "ffhq1024-valid.npy", None, 0),
 }
 
-def read_pixel_array(path: Path) -> np.ndarray:
+def _read_pixel_array(path: Path) -> np.ndarray:
     """A memory-mapped uint8 array of RGB images (N, H, W, 3), as openai/vdvae's setup scripts write
     them."""
     if not path.is_file():
@@ -969,18 +963,18 @@ def read_pixel_array(path: Path) -> np.ndarray:
                         f"with python -m hvae_nb.data pack SOURCE --dataset {path.parent.name} "
                         f"(the data directory comes from --data-dir, ${DATA_DIR_ENV}, or "
                         f"{DEFAULT_DATA_DIR}); it is not downloaded automatically.")
-    return read_image_array(path, channels=(3,))
+    return _read_image_array(path, channels=(3,))
 
-def vdvae_array_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
+def _vdvae_array_data(name: str, data_dir=None, download=False, test_seed: int = 0) -> ImageData:
     """One of `VDVAE_ARRAYS`, split as openai/vdvae splits it, memory-mapped; the packed dataset of
     the same name instead, when there is one."""
     folder = resolve_data_dir(data_dir) / name
-    if (folder / PACKED_INFO).is_file(): return packed_data(name, data_dir)
+    if (folder / PACKED_INFO).is_file(): return _packed_data(name, data_dir)
     array_file, test_file, seed, held_out = VDVAE_ARRAYS[name]
-    everything = read_pixel_array(folder / array_file)
+    everything = _read_pixel_array(folder / array_file)
     whole = lambda array: ImageSet(array, layout="NHWC")
     if seed is None:
-        test = whole(read_pixel_array(folder / test_file))
+        test = whole(_read_pixel_array(folder / test_file))
         return ImageData(name, whole(everything), test, "logistic_mixture",
                          dynamic_binarization=False, valid=test)
     if len(everything) <= held_out:
@@ -991,10 +985,10 @@ def vdvae_array_data(name: str, data_dir=None, download=False, test_seed: int = 
     # the training rows sorted: the memory map is read in order
     train = ImageSet(everything, layout="NHWC", rows=np.sort(order[:-held_out]))
     held = ImageSet(everything, layout="NHWC", rows=order[-held_out:])
-    test = whole(read_pixel_array(folder / test_file)) if test_file else held
+    test = whole(_read_pixel_array(folder / test_file)) if test_file else held
     return ImageData(name, train, test, "logistic_mixture", dynamic_binarization=False, valid=held)
 
-DATASETS.update({name: partial(vdvae_array_data, name) for name in VDVAE_ARRAYS})
+DATASETS.update({name: partial(_vdvae_array_data, name) for name in VDVAE_ARRAYS})
 
 # %% ../nbs/01_data.ipynb #015a17a0
 def _as_unit_interval(images) -> torch.Tensor:
@@ -1031,7 +1025,7 @@ def show_images(images, nrow: int = 8, ax=None, title: str | None = None,
 
 # %% ../nbs/01_data.ipynb #0cfd1da1
 @lru_cache(maxsize=2)
-def epoch_order(num_examples: int, seed: int, epoch: int) -> Tensor:
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> Tensor:
     "The seeded permutation of the training set for one epoch."
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_examples, generator=generator)
@@ -1043,7 +1037,7 @@ def global_batch_indices(num_examples: int, batch_size: int, step: int, seed: in
         raise DataError(f"a global batch of {batch_size} needs at least that many training images, "
                         f"there are {num_examples}")
     epoch, position = divmod(step, per_epoch)
-    return epoch_order(num_examples, seed, epoch)[position * batch_size:(position + 1) * batch_size]
+    return _epoch_order(num_examples, seed, epoch)[position * batch_size:(position + 1) * batch_size]
 
 def micro_batch_slices(batch_size: int, num_processes: int, process_index: int,
                        grad_accum: int) -> list[tuple[int, slice]]:
@@ -1084,7 +1078,7 @@ def prepare_batch(images: Tensor, scale: float, dynamic_binarization: bool = Fal
     """A batch of uint8 images (on any device) as a model reads it: float in [0, 1], each image
     mirrored left-right with probability `flip_probability`, binarised afresh if asked. The random
     draws come from the global generator, which the trainer seeds per micro-batch."""
-    x = to_unit_interval(images, scale)
+    x = _to_unit_interval(images, scale)
     if flip_probability > 0:
         flip = torch.rand(len(x), device=x.device) < flip_probability
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -1103,7 +1097,7 @@ def random_subset(images, count: int | None, seed: int):
     return images.subset(order.numpy()) if isinstance(images, ImageSet) else images[order]
 
 # %% ../nbs/01_data.ipynb #00b002f0
-def pack_command(source: Param("a folder of images (PNG, JPEG, WebP), searched recursively", str),
+def _pack_command(source: Param("a folder of images (PNG, JPEG, WebP), searched recursively", str),
                  name: str = None,             # the dataset's name: written to DIR/NAME/
                  size: int = None,             # side of the square images, in pixels
                  dataset: Param("a paper's recipe, which fixes size, crop and split: "
@@ -1130,25 +1124,25 @@ def pack_command(source: Param("a folder of images (PNG, JPEG, WebP), searched r
           f"python -m hvae_nb.train --preset PRESET --dataset {info['name']}")
     return folder
 
-def verify_command(name: Param("a dataset packed under the data directory", str),
+def _verify_command(name: Param("a dataset packed under the data directory", str),
                    data_dir: str = None):      # default: $HVAE_DATA, else ~/.cache/hvae_nb
     "Hash every array of a packed dataset whole and compare with its dataset.json."
     folder = resolve_data_dir(data_dir) / name
     info = read_packed_info(folder)
-    for record in info["splits"].values(): verify_file(folder / record["file"], record, full=True)
+    for record in info["splits"].values(): _verify_file(folder / record["file"], record, full=True)
     print(f"{name}: {len(info['splits'])} arrays match {folder / PACKED_INFO}")
 
-DATA_COMMANDS = {"pack": pack_command, "verify": verify_command}
+_DATA_COMMANDS = {"pack": _pack_command, "verify": _verify_command}
 
 def main(argv: list[str] | None = None):
     "Entry point of `python -m hvae_nb.data COMMAND`: exit status 2 with one line on bad input."
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in DATA_COMMANDS:
+    if not argv or argv[0] not in _DATA_COMMANDS:
         usage = ("python -m hvae_nb.data pack FOLDER --name NAME --size 64 (or --dataset RECIPE), "
                  "or python -m hvae_nb.data verify NAME; --help after either lists its options")
         if argv and argv[0] in ("-h", "--help"): print(f"usage: {usage}"); return
         exit_with_error("hvae_nb.data", f"expected a command, pack or verify: {usage}")
-    command = DATA_COMMANDS[argv[0]]
+    command = _DATA_COMMANDS[argv[0]]
     kwargs = parse_arguments(command, f"hvae_nb.data {argv[0]}", argv[1:])
     run_command("hvae_nb.data", command, kwargs, (DataError,))
 

@@ -78,8 +78,10 @@ def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: 
     axes[0].bar(names, kl.tolist(), color='tab:blue')
     axes[0].set_ylabel('KL (nats)'); axes[0].set_xlabel('latent group (bottom → top)')
     positions, width = torch.arange(len(names)).tolist(), 0.4
-    series = ((-width / 2, active.per_group, 'tab:orange', 'Burda'),
-              (width / 2, active.per_group_beyond_prior, 'tab:green', 'beyond prior'))
+    series = ((-width / 2, active.per_group, 'tab:orange',
+               f'Burda: Cov$_x$ E$_q$[u] > {active.threshold:g}'),
+              (width / 2, active.per_group_beyond_prior, 'tab:green',
+               f'beyond the prior: Cov$_x$(E$_q$[u] − E$_p$[u]) > {active.threshold:g}'))
     for shift, counts, colour, label in series:
         fractions = [a / s for a, s in zip(counts, active.sizes)]
         bars = axes[1].bar([p + shift for p in positions], fractions, width, color=colour,
@@ -88,9 +90,9 @@ def plot_kl_and_active_units(kl: Tensor, active: ActiveUnits, axes=None, title: 
             axes[1].text(bar.get_x() + bar.get_width() / 2, bar.get_height(), str(a),
                          ha='center', va='bottom', fontsize=7)
     axes[1].set_xticks(positions, [f'{n}\n({s})' for n, s in zip(names, active.sizes)])
-    axes[1].set_ylim(0, 1.4); axes[1].set_ylabel('active fraction')
+    axes[1].set_ylim(0, 1.5); axes[1].set_ylabel('fraction of units active')
     axes[1].set_xlabel('latent group, bottom → top (units)')
-    axes[1].legend(fontsize=7, loc='upper center', ncol=2, frameon=False)
+    axes[1].legend(fontsize=6, loc='upper center', ncol=1, frameon=False)
     heading = f'{title}: ' if title else ''
     axes[0].set_title(f'{heading}KL {kl.sum():.1f} nats')
     axes[1].set_title(f'{heading}{active.total} active ({active.total_beyond_prior} beyond prior)')

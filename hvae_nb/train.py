@@ -4,10 +4,9 @@
 
 # %% auto #0
 __all__ = ['SCHEDULE_FIELDS', 'DEFAULT_PRESET', 'seed_micro_batch', 'make_optimizer', 'make_scheduler', 'rebuild_scheduler',
-           'make_ema', 'SkipMonitor', 'should_skip', 'StopRequest', 'check_batch_split', 'warn_short_warmup',
-           'save_sample_grid', 'monitoring_split', 'shared_nll', 'batch_preparer', 'step_micro_batches', 'train_step',
-           'TrainResult', 'training_run', 'make_accelerator', 'agree_on_run', 'launch_info', 'build_model', 'train',
-           'out_of_time', 'stop_requested', 'train_command', 'help_text', 'parse_command_line', 'main']
+           'make_ema', 'SkipMonitor', 'should_skip', 'StopRequest', 'save_sample_grid', 'monitoring_split',
+           'shared_nll', 'batch_preparer', 'step_micro_batches', 'train_step', 'TrainResult', 'training_run',
+           'build_model', 'train', 'train_command', 'help_text', 'parse_command_line', 'main']
 
 # %% ../nbs/11_train.ipynb #a0c6855f
 import contextlib, json, math, os, signal, sys, time, warnings
@@ -113,13 +112,13 @@ class StopRequest:
         for s, handler in self._previous.items(): signal.signal(s, handler)
 
 # %% ../nbs/11_train.ipynb #dd75db39
-def check_batch_split(train: TrainConfig, num_processes: int):
+def _check_batch_split(train: TrainConfig, num_processes: int):
     "The global batch must split evenly over processes and accumulation micro-steps."
     if train.batch_size % (num_processes * train.grad_accum):
         raise ConfigError(f"batch_size {train.batch_size} (global) is not divisible by "
                           f"{num_processes} processes x {train.grad_accum} accumulation steps")
 
-def warn_short_warmup(train: TrainConfig):
+def _warn_short_warmup(train: TrainConfig):
     "One line when training stops before the KL weight reaches 1: its loss is then not the ELBO."
     if train.max_steps < train.kl_warmup_steps:
         print(f"hvae_nb: warning: max_steps {train.max_steps} < kl_warmup_steps "
@@ -230,7 +229,7 @@ def training_run(preset: Preset, out, resume) -> tuple[Run, Resume | None]:
     run = Run(out) if out else source
     return run, run.resume(preset, checkpoint, source.preset)
 
-def make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerator:
+def _make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerator:
     "The Accelerator, with its own complaints about the options turned into a one-line ConfigError."
     check_mixed_precision(mixed_precision)
     try: return Accelerator(mixed_precision=mixed_precision, log_with=log_with,
@@ -238,14 +237,14 @@ def make_accelerator(mixed_precision: str, log_with, run_dir: Path) -> Accelerat
     except (ValueError, ImportError, RuntimeError) as e:
         raise ConfigError(f"accelerate refused the options: {e}") from None
 
-def agree_on_run(accelerator: Accelerator, run: Run) -> Run:
+def _agree_on_run(accelerator: Accelerator, run: Run) -> Run:
     """Every process uses the main process's run directory (a default one is named after the time,
     which can differ)."""
     if accelerator.num_processes == 1: return run
     from accelerate.utils import broadcast_object_list
     return Run(broadcast_object_list([str(run.path)], from_process=0)[0])
 
-def launch_info(accelerator: Accelerator, data_dir) -> dict:
+def _launch_info(accelerator: Accelerator, data_dir) -> dict:
     return dict(num_processes=accelerator.num_processes,
                 mixed_precision=accelerator.mixed_precision, device=str(accelerator.device),
                 data_dir=str(resolve_data_dir(data_dir)), torch=torch.__version__)
@@ -269,9 +268,9 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     "Train `preset`, writing the run directory; returns the final model and its test metrics."
     t = preset.train
     run, resumed = training_run(preset, out, resume)
-    accelerator = make_accelerator(mixed_precision, log_with, run.path)
-    run = agree_on_run(accelerator, run)
-    check_batch_split(t, accelerator.num_processes)
+    accelerator = _make_accelerator(mixed_precision, log_with, run.path)
+    run = _agree_on_run(accelerator, run)
+    _check_batch_split(t, accelerator.num_processes)
     data = load_preset_data(preset, data_dir, download)
     monitor, train_images = monitoring_split(data, t.eval_examples)
     torch.manual_seed(t.seed)
@@ -292,9 +291,9 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     # everything is checked: from here on we write
     main = accelerator.is_main_process
     if main:
-        warn_short_warmup(t)
+        _warn_short_warmup(t)
         if resumed is None or resumed.new_schedule or not (run.path / Run.CONFIG).exists():
-            run.create(preset, launch_info(accelerator, data_dir),
+            run.create(preset, _launch_info(accelerator, data_dir),
                        resumed.history if resumed else None)
         if resumed is not None and resumed.new_schedule:
             print(f"hvae_nb: {resumed.history[-1]['note']} at step {start}: "
@@ -347,8 +346,8 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
                 if main: save_sample_grid(evaluation_model(), run.sample_grid_path(done))
                 accelerator.wait_for_everyone()
             # the one checkpoint policy: on schedule, at the end, and whenever the run stops early
-            timed_out = out_of_time(trained(), t.max_minutes, accelerator)
-            interrupted = not timed_out and stop_requested(stop, accelerator)
+            timed_out = _out_of_time(trained(), t.max_minutes, accelerator)
+            interrupted = not timed_out and _stop_requested(stop, accelerator)
             if done % t.save_every == 0 or done == t.max_steps or timed_out or interrupted:
                 run.save_checkpoint(accelerator, done, train_state(done), ema, t.keep_checkpoints)
             if t.rollback_after and skips.consecutive >= t.rollback_after and run.checkpoints():
@@ -386,7 +385,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     if log_with: accelerator.end_training()
     return TrainResult(final, run, run.metrics() if main else [], test, interrupted)
 
-def out_of_time(trained_seconds: float, max_minutes: float, accelerator: Accelerator) -> bool:
+def _out_of_time(trained_seconds: float, max_minutes: float, accelerator: Accelerator) -> bool:
     """True on every process once the main process has trained for `max_minutes` in all, resumes
     included (0 = no budget)."""
     if max_minutes <= 0: return False
@@ -394,7 +393,7 @@ def out_of_time(trained_seconds: float, max_minutes: float, accelerator: Acceler
     if accelerator.num_processes == 1: return bool(flag.item())
     return accelerator.reduce(flag, 'max').item() > 0
 
-def stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
+def _stop_requested(stop: StopRequest, accelerator: Accelerator) -> bool:
     "True on every process when any process received SIGTERM/SIGINT."
     if accelerator.num_processes == 1: return stop.requested
     flag = torch.tensor([float(stop.requested)], device=accelerator.device)

@@ -11,6 +11,7 @@ Floors, lowest first; an import only ever points down (or along its own floor, w
 6. the faces (train, evaluate, bench, convert): the generic ones never import a concrete model.
 """
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,59 @@ def test_the_catalogue_is_the_only_module_that_knows_every_family():
 def test_kl_warmup_lives_with_the_loss():
     import hvae_nb.lvae, hvae_nb.train, hvae_nb.vae
     assert hvae_nb.train.kl_warmup is hvae_nb.vae.kl_warmup and not hasattr(hvae_nb.lvae, 'kl_warmup')
+
+
+# The floors at run time: a preset handed to train() and a run directory handed to the evaluator go down the floors.
+# The only calls from a lower floor up are a family's own methods reached through its object (a configuration's
+# validate and build, its model's constructor): the registry's dispatch, which is how the lower floors stay
+# ignorant of the families. Anything else going up (the run asking the catalogue, a configuration calling the
+# trainer) fails here, naming the call.
+DISPATCH = {'validate', 'build', '__init__', '__post_init__'}
+
+
+def calls_up_a_floor(work, stop_at: set[str]) -> list[str]:
+    "Cross-module calls inside hvae_nb that go up a floor, from `work()` until a function in `stop_at` starts."
+    found, tracing = [], [True]
+
+    def watch(frame, event, arg):
+        if not tracing[0] or event != 'call': return
+        callee = frame.f_globals.get('__name__', '')
+        if not callee.startswith('hvae_nb.'): return
+        if frame.f_code.co_name in stop_at:
+            tracing[0] = False
+            return
+        caller = frame.f_back.f_globals.get('__name__', '') if frame.f_back else ''
+        if not caller.startswith('hvae_nb.'): return
+        low, high = caller.split('.')[1], callee.split('.')[1]
+        if FLOORS.get(high, 0) > FLOORS.get(low, 0):
+            dispatch = high in MODELS and frame.f_code.co_name in DISPATCH
+            if not dispatch: found.append(f"{low}.{frame.f_back.f_code.co_name} -> {high}.{frame.f_code.co_name}")
+
+    sys.setprofile(watch)
+    try: work()
+    finally: sys.setprofile(None)
+    return found
+
+
+def test_a_preset_and_a_run_directory_go_down_the_floors(tmp_path):
+    from dataclasses import replace
+    from hvae_nb.evaluate import evaluate_run
+    from hvae_nb.presets import get_preset
+    from hvae_nb.train import train
+    preset = get_preset('lvae_digits')
+    preset = replace(preset, train=replace(preset.train, max_steps=2, kl_warmup_steps=0, eval_every=10 ** 6,
+                                           save_every=10 ** 6, final_eval_samples=2, eval_examples=20))
+    assert calls_up_a_floor(lambda: train(preset, out=tmp_path / 'traced', progress=False), {'train_step'}) == []
+    train(preset, out=tmp_path / 'run', progress=False)
+    evaluation = lambda: evaluate_run(tmp_path / 'run', k=2, max_examples=20, figures=False, progress=False)
+    assert calls_up_a_floor(evaluation, {'score_images'}) == []
+
+
+def test_the_floor_watch_sees_a_call_up():
+    # a function of the catalogue called from the vocabulary's floor: what the watch must report
+    import types
+    low = types.ModuleType('hvae_nb.configs')
+    exec("def ask(f): return f()", low.__dict__)
+    high = types.ModuleType('hvae_nb.presets')
+    exec("def answer(): return 1", high.__dict__)
+    assert calls_up_a_floor(lambda: low.ask(high.answer), set()) == ['configs.ask -> presets.answer']
