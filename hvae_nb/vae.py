@@ -458,9 +458,11 @@ def score_images(model: HierarchicalVAE, images, num_samples: int = 1000, batch_
             x = images[rows.start:rows.stop].to(model.device)
             scores['nll'].append(-iw_log_likelihood(model, x, num_samples, max_batch,
                                                     log_weights).cpu())
-            out = model(x)
-            scores['reconstruction'].append(out.reconstruction.cpu())
-            scores['kl'].append(out.kl.cpu())
+            # the trace, not forward: a forward wrapped in autocast (Accelerate's mixed precision)
+            # would score the ELBO in another precision than the importance-weighted bound
+            trace = model.trace(x)
+            scores['reconstruction'].append(-trace.log_px.cpu())
+            scores['kl'].append(trace.kl.cpu())
             scores['rows'].append(torch.arange(rows.start, rows.stop))
     if not chosen:
         return dict(rows=torch.zeros(0, dtype=torch.long), nll=torch.zeros(0),

@@ -196,3 +196,18 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_saves_memory(name
         assert all(torch.allclose(results[every][1][n], g, atol=1e-7) for n, g in gradients.items())
     assert results[1][3] > results[3][3] > 0 and results[0][3] == 0
     assert results[1][2] < results[3][2] < memory          # fewer activations kept, the more blocks recompute
+
+
+def test_a_mixed_precision_run_scores_its_bound_and_its_elbo_in_one_precision():
+    "Accelerate wraps a prepared model's forward in autocast: the evaluation must not go through it for one term only."
+    from hvae_nb.vae import score_images
+    torch.manual_seed(0)
+    model = get_preset('lvae_digits').model.build().eval()
+    reference = get_preset('lvae_digits').model.build().eval()
+    reference.load_state_dict(model.state_dict())
+    prepared = Accelerator(cpu=True, mixed_precision='bf16').prepare(model)   # forward now runs under bf16 autocast
+    images = load_data('digits').test[0:40].round()
+    wrapped = score_images(prepared, images, num_samples=3, batch_size=20)
+    plain = score_images(reference, images, num_samples=3, batch_size=20)
+    for key in ('nll', 'reconstruction', 'kl'):
+        assert torch.equal(wrapped[key], plain[key]), key
