@@ -7,7 +7,7 @@ __all__ = ['FID_WEIGHTS_FILE', 'FID_WEIGHTS_URL', 'FID_IMAGE_SIZE', 'fid_metric'
            'ConvNormReLU', 'chain', 'average_pool_3x3', 'max_pool_3x3', 'InceptionA', 'InceptionB', 'InceptionC',
            'InceptionD', 'InceptionE', 'FIDInception', 'seeded_weights', 'load_inception', 'as_8_bit', 'fid_score']
 
-# %% ../nbs/12a_fid.ipynb #d034365b
+# %% ../nbs/12a_fid.ipynb #cc5c5635
 import re
 from pathlib import Path
 import torch
@@ -17,11 +17,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from .data import DataError, file_sha256, random_subset
 from .configs import ConfigError
 
-# %% ../nbs/12a_fid.ipynb #b56de162
+# %% ../nbs/12a_fid.ipynb #6b1dc933
 def fid_metric(network: nn.Module, device='cpu') -> FrechetInceptionDistance:
     """torchmetrics' FID accumulator on `network`'s features (`network.num_features` of them):
-    `update(images, real=True or False)` a batch at a time, then `compute()`."""
-    return FrechetInceptionDistance(feature=network, normalize=False).to(device)
+    `update(images, real=True or False)` a batch at a time, then `compute()`. The statistics of this
+    process's images only, even under torch.distributed."""
+    # torchmetrics would otherwise sum every process's statistics: the same seeded samples, N times
+    return FrechetInceptionDistance(feature=network, normalize=False,
+                                    sync_on_compute=False).to(device)
 
 class GivenFeatures(nn.Module):
     "The identity on features (B, `num_features`) computed elsewhere, as a feature extractor."
@@ -38,7 +41,7 @@ def frechet_distance(real: Tensor, generated: Tensor) -> float:
     metric.update(generated.double(), real=False)
     return float(metric.compute())
 
-# %% ../nbs/12a_fid.ipynb #3010a01f
+# %% ../nbs/12a_fid.ipynb #9a344db7
 class ConvNormReLU(nn.Module):
     "A convolution without bias, a batch norm with TensorFlow's epsilon (1e-3), a ReLU."
     def __init__(self, c_in: int, c_out: int, kernel, stride: int = 1, padding=0):
@@ -59,7 +62,7 @@ def average_pool_3x3(x: Tensor) -> Tensor:
 
 def max_pool_3x3(x: Tensor) -> Tensor: return F.max_pool2d(x, 3, stride=1, padding=1)
 
-# %% ../nbs/12a_fid.ipynb #0d092237
+# %% ../nbs/12a_fid.ipynb #574a110e
 class InceptionA(nn.Module):
     "35x35 grid (Mixed_5b-d): 1x1; 1x1 then 5x5; 1x1 then two 3x3; a pooled 1x1."
     def __init__(self, c_in: int, pool_channels: int):
@@ -154,7 +157,7 @@ class InceptionE(nn.Module):
                           self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
                           self.branch_pool(self.pool(x))], dim=1)
 
-# %% ../nbs/12a_fid.ipynb #59fb86a0
+# %% ../nbs/12a_fid.ipynb #e8473d92
 FID_WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    + FID_WEIGHTS_FILE)
@@ -212,7 +215,7 @@ class FIDInception(nn.Module):
                   self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)
         return x.mean(dim=(2, 3))
 
-# %% ../nbs/12a_fid.ipynb #092e0366
+# %% ../nbs/12a_fid.ipynb #87f916d3
 def seeded_weights(shapes: dict) -> dict[str, Tensor]:
     """Weights for a check, for a network whose state dict has `shapes` ({name: shape}): NumPy draws
     seeded by each name's place in sorted order, so that any two networks with these names get the
@@ -230,7 +233,7 @@ def seeded_weights(shapes: dict) -> dict[str, Tensor]:
         weights[name] = torch.from_numpy(value.astype(np.float32))
     return weights
 
-# %% ../nbs/12a_fid.ipynb #04963d95
+# %% ../nbs/12a_fid.ipynb #820f2d57
 def _refusal(error: Exception) -> str:
     "The line of a torch.load failure that says what it met (its weights-only refusal is a page)."
     found = re.search(r'WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)', str(error))
@@ -269,7 +272,7 @@ def load_inception(path, resize_to: int = FID_IMAGE_SIZE) -> FIDInception:
     network.load_state_dict(state, strict=False)
     return network
 
-# %% ../nbs/12a_fid.ipynb #8fd3e3f4
+# %% ../nbs/12a_fid.ipynb #2a79e701
 def as_8_bit(images: Tensor) -> Tensor:
     "`images` in [0, 1] rounded to 256 levels, as an image file keeps them."
     return (images.clamp(0, 1) * 255).round() / 255
