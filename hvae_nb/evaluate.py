@@ -27,6 +27,7 @@ from .configs import ConfigError, Preset, check_device, load_preset_data
 from .vae import (evaluating, evaluation_blocks, readjust_batch_norm, score_images,
                          summarize)
 from .diagnostics import active_units, plot_kl_and_active_units
+from .fid import fid_score, load_inception
 from .runs import Run, RunError, write_json_atomically
 from .cli import default_device, parse_arguments, run_command
 
@@ -371,17 +372,23 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
                  figures: bool = True, progress: bool = True, compiled: bool = False,
                  channels_last: bool = False, parts: int = 1, part: int | None = None,
                  combine: bool = False, temperature: float | tuple = 1.0,
-                 readjust_bn: int = 0) -> dict:
+                 readjust_bn: int = 0, fid: int = 0, inception: str | None = None) -> dict:
     """Evaluate the run in `run_dir` and keep the result in its eval.json (under a name saying what
     it measured) with figures in `figures/`; return the result. Under `accelerate launch` the
     processes share the blocks of images; with `parts` > 1 this process scores part `part`, saved
     block by block in eval_parts/ (a stopped part resumes), and whichever part finishes last (or
-    `combine`) writes the result."""
+    `combine`) writes the result. `fid` > 0: the FID of that many samples (at `temperature`, from
+    the readjusted copy with `readjust_bn`) against as many images of the split, with the FID
+    Inception's weights read from `inception` (chapter 12a)."""
     began = time.time()
     _check_options(k, split, batch_size, max_batch, max_examples, device, parts,
                   0 if combine else part)
     temperature = _parse_temperature(temperature)
     if readjust_bn < 0: raise ConfigError(f"--readjust-bn must be 0 (off) or more, got {readjust_bn}")
+    if fid < 0 or fid == 1: raise ConfigError(f"--fid must be 0 (off) or at least 2 images, got {fid}")
+    if fid and inception is None:
+        raise ConfigError("--fid needs --inception PATH: the FID Inception's weights (pytorch-fid's "
+                          "pt_inception-2015-12-05-6726825d.pth; chapter 12a)")
     run = Run.open(run_dir)
     preset = run.preset
     state = processes()
@@ -394,6 +401,11 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
                           f"{model.num_groups} groups")
     images, split_size = evaluation_images(preset, split, max_examples, seed, data_dir)
     records = run.metrics()
+    if fid:
+        network = load_inception(inception)                 # a bad file fails now, not after hours
+        fid_images = evaluation_images(preset, split, None, seed, data_dir)[0]
+        if fid > len(fid_images):
+            raise ConfigError(f"--fid {fid}: the {split} split holds only {len(fid_images)} images")
     name = evaluation_name(split, k, len(images), split_size, seed, batch_size, weights)
     settings = dict(weights_sha256=file_sha256(weights_path), k=k, split=split, seed=seed,
                     batch_size=batch_size, max_batch=max_batch, count=len(images))
@@ -424,11 +436,15 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
                   active_units=_active_units_summary(found), device=str(device), seed=seed,
                   batch_size=batch_size, compiled=compiled, channels_last=channels_last,
                   parts=parts, processes=state.num_processes)
+    sampler = model
+    if readjust_bn and (figures or fid):
+        sampler, result['readjust_bn'] = _readjusted_for_sampling(model, readjust_bn, batch_size,
+                                                                 temperature)
+    if fid:
+        result['fid'] = dict(fid_score(sampler, fid_images, fid, network, batch_size, device, seed,
+                                       temperature), inception=str(inception),
+                             inception_sha256=file_sha256(Path(inception).expanduser()))
     if figures:
-        sampler = model
-        if readjust_bn:
-            sampler, result['readjust_bn'] = _readjusted_for_sampling(model, readjust_bn,
-                                                                     batch_size, temperature)
         kl_per_group = torch.tensor(result['kl_per_group_nats'])
         result['figures'] = save_figures(model, images, kl_per_group, found, records,
                                          run.figures_folder(), preset.name, seed, temperature,
@@ -460,6 +476,8 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                      # samples' temperature: a number, or one per group (bottom first): 0.5,0.7,1
                      temperature: str = '1.0',
                      readjust_bn: int = 0,             # sampling passes to readjust batch norm (NVAE)
+                     fid: int = 0,                     # FID of this many samples against the split (0: off)
+                     inception: str = None,            # the FID Inception's weights (pytorch-fid's file)
                      no_progress: store_true = False): # hide the progress bar
     """Evaluate a trained run: IW-NLL, negative ELBO, KL and active units per group; keeps them in
     RUN_DIR/eval.json and draws RUN_DIR/figures/."""
@@ -468,7 +486,7 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                           max_batch=max_batch, device=device, figures=not no_figures,
                           progress=not no_progress, compiled=compile, channels_last=channels_last,
                           parts=parts, part=part, combine=combine, temperature=temperature,
-                          readjust_bn=readjust_bn)
+                          readjust_bn=readjust_bn, fid=fid, inception=inception)
     if result: print(_summary_line(result))
     return result
 
@@ -484,7 +502,9 @@ def _summary_line(result: dict) -> str:
             f"IW k={result['k']} on {subset} images; KL per group (bottom -> top) "
             f"{', '.join(f'{v:.1f}' for v in result['kl_per_group_nats'])}; active units "
             f"{result['active_units']['total_beyond_prior']} beyond the prior; "
-            f"kept as {result['name']!r} in {Path(result['run_dir']) / Run.EVALUATIONS}")
+            + (f"FID {result['fid']['fid']:.2f} ({result['fid']['count']} samples); "
+               if 'fid' in result else '')
+            + f"kept as {result['name']!r} in {Path(result['run_dir']) / Run.EVALUATIONS}")
 
 # %% ../nbs/12_evaluate.ipynb #091ce69d
 def main(argv: list[str] | None = None):

@@ -205,3 +205,39 @@ def test_fid_score_refuses_bad_counts_and_missing_weights_before_sampling(tmp_pa
     with pytest.raises(DataError, match='do not exist'):
         fid_score(model, images, 4, tmp_path / 'absent.pth')
     assert model.drawn == 0
+
+
+def test_the_evaluator_scores_fid_with_the_weights_it_is_given(tmp_path, monkeypatch, capsys):
+    "`python -m hvae_nb.evaluate RUN --fid N --inception PATH`: kept in eval.json; bad options are one line."
+    import json, subprocess, sys
+    from hvae_nb import evaluate as evaluate_module
+    from hvae_nb.runs import Run
+    from hvae_nb.train import main as train_main
+    run_dir = tmp_path / 'run'
+    train_main(['--preset', 'vae_digits', '--max-steps', '20', '--no-progress', '--out', str(run_dir),
+                '--override', 'eval_every=1000', 'final_eval_samples=2'])
+    weights = tmp_path / 'inception.pth'
+    torch.manual_seed(0)
+    torch.save(FIDInception(resize_to=75).state_dict(), weights)
+    # the published network resizes to 299 px; a check of the plumbing reads the same file at 75 px
+    monkeypatch.setattr(evaluate_module, 'load_inception', lambda path: load_inception(path, resize_to=75))
+    result = evaluate_module.evaluate_command(str(run_dir), k=2, max_examples=20, no_figures=True, fid=12,
+                                              inception=str(weights), no_progress=True)
+    assert 'FID' in capsys.readouterr().out
+    kept = Run.open(run_dir).evaluations()[result['name']]['fid']
+    assert kept['count'] == 12 and kept['inception'] == str(weights) and len(kept['inception_sha256']) == 64
+    # the same number as fid_score on the whole test split, the same seed and weights
+    model = Run.open(run_dir).model()
+    images = evaluate_module.evaluation_images(Run.open(run_dir).preset, 'test', None, 0)[0]
+    assert kept['fid'] == pytest.approx(fid_score(model, images, 12, load_inception(weights, resize_to=75))['fid'],
+                                        rel=1e-6)
+    before = (run_dir / Run.EVALUATIONS).read_bytes()
+    for options, message in ((['--fid', '12'], '--fid needs --inception PATH'),
+                             (['--fid', '1', '--inception', str(weights)], '--fid must be 0 (off) or at least 2'),
+                             (['--fid', '5000', '--inception', str(weights)], 'the test split holds only 297'),
+                             (['--fid', '12', '--inception', str(tmp_path / 'nowhere.pth')], 'nowhere.pth')):
+        done = subprocess.run([sys.executable, '-m', 'hvae_nb.evaluate', str(run_dir), '--k', '2', '--no-progress',
+                               *options], capture_output=True, text=True)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (options, done.stderr[-800:])
+    assert (run_dir / Run.EVALUATIONS).read_bytes() == before

@@ -6,7 +6,7 @@ Floors, lowest first; an import only ever points down (or along its own floor, w
    TrainConfig, Preset, the family registry, overrides, JSON);
 2. the interface and the loss (vae);
 3. the run (runs: one `Run` owns a run directory; it builds models only through `preset.model.build()`);
-4. the models (every module defining a `HierarchicalVAE` subclass) and diagnostics;
+4. the models (every module defining a `HierarchicalVAE` subclass), diagnostics and FID;
 5. the catalogue (presets): the only module that imports every model family;
 6. the faces (train, evaluate, bench, convert): the generic ones never import a concrete model.
 """
@@ -19,8 +19,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / 'hvae_nb'
 PARTS = {'distributions', 'data', 'cells', 'spectral', 'residual_normal', 'iaf', 'cli', 'configs'}
 FLOORS = {**{m: 1 for m in PARTS}, 'vae': 2, 'runs': 3, 'lvae': 4, 'nvae': 4, 'vdvae': 4, 'autoregressive': 4,
-          'diagnostics': 4, 'presets': 5, 'train': 6, 'evaluate': 6, 'bench': 6, 'convert': 6}
-GENERIC = {'train', 'evaluate', 'diagnostics', 'bench', 'configs', 'runs', 'cli'}
+          'diagnostics': 4, 'fid': 4, 'presets': 5, 'train': 6, 'evaluate': 6, 'bench': 6, 'convert': 6}
+GENERIC = {'train', 'evaluate', 'diagnostics', 'fid', 'bench', 'configs', 'runs', 'cli'}
 ABOVE_MODELS = {'presets', 'train', 'evaluate', 'bench', 'convert'}
 
 
