@@ -470,12 +470,14 @@ def largest_batch(name: str, budget_mib: float, options: dict, limit: int = 4096
 
 def _fit_command(names: list[str], budget_mib: float, options: dict, out) -> list[dict]:
     "`--fit MiB`: the largest batch of each preset within the budget, as JSON lines and lines."
-    if not budget_mib > 0: raise ConfigError(f"--fit must be a positive number of MiB, got {budget_mib}")
+    if not budget_mib > 0:
+        raise ConfigError(f"--fit must be a positive number of MiB, got {budget_mib}")
     sink, results = _open_output(out), []
     for name in names:
         result = largest_batch(name, budget_mib, options)
         print(json.dumps(result), file=sink or sys.stdout, flush=True)
-        print(f"{name}: the largest batch within {budget_mib:,.0f} MiB is {result['largest_batch']} "
+        print(f"{name}: the largest batch within {budget_mib:,.0f} MiB is "
+              f"{result['largest_batch']} "
               f"(peak {result['peak_mib']} MiB; tried {result['tries']})")
         results.append(result)
     if sink: sink.close()

@@ -710,7 +710,8 @@ class PackRecipe:
 
 PACK_RECIPES = {
     # NVAE's CropCelebA64: the box (15, 40, 178 - 15, 218 - 30) of the 178x218 aligned images
-    "celeba64": PackRecipe(64, _celeba_partition_split, "CelebA's img_align_celeba/ folder (202,599 "
+    "celeba64": PackRecipe(64, _celeba_partition_split,
+                           "CelebA's img_align_celeba/ folder (202,599 "
                            "aligned 178x218 JPEGs); --partition list_eval_partition.txt gives the "
                            "official split (NVAE reports the valid partition)",
                            crop=(15, 40, 163, 188)),
@@ -1037,7 +1038,8 @@ def global_batch_indices(num_examples: int, batch_size: int, step: int, seed: in
         raise DataError(f"a global batch of {batch_size} needs at least that many training images, "
                         f"there are {num_examples}")
     epoch, position = divmod(step, per_epoch)
-    return _epoch_order(num_examples, seed, epoch)[position * batch_size:(position + 1) * batch_size]
+    order = _epoch_order(num_examples, seed, epoch)
+    return order[position * batch_size:(position + 1) * batch_size]
 
 def micro_batch_slices(batch_size: int, num_processes: int, process_index: int,
                        grad_accum: int) -> list[tuple[int, slice]]:

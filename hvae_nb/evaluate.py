@@ -222,7 +222,8 @@ def plot_temperature_schedules(model, n: int = 8, seed: int = 0):
     with evaluating(model):
         for ax, t in zip(axes[:, 0], rows.values()):
             torch.manual_seed(seed)
-            show_images(model.sample(n, t).float().cpu(), nrow=n, ax=ax, title=_temperature_label(t))
+            show_images(model.sample(n, t).float().cpu(), nrow=n, ax=ax,
+                        title=_temperature_label(t))
             ax.title.set_fontsize(8)
     fig.tight_layout()
     return fig
@@ -384,11 +385,13 @@ def evaluate_run(run_dir, k: int = 1000, split: str = 'test', batch_size: int = 
     _check_options(k, split, batch_size, max_batch, max_examples, device, parts,
                   0 if combine else part)
     temperature = _parse_temperature(temperature)
-    if readjust_bn < 0: raise ConfigError(f"--readjust-bn must be 0 (off) or more, got {readjust_bn}")
-    if fid < 0 or fid == 1: raise ConfigError(f"--fid must be 0 (off) or at least 2 images, got {fid}")
+    if readjust_bn < 0:
+        raise ConfigError(f"--readjust-bn must be 0 (off) or more, got {readjust_bn}")
+    if fid < 0 or fid == 1:
+        raise ConfigError(f"--fid must be 0 (off) or at least 2 images, got {fid}")
     if fid and inception is None:
-        raise ConfigError("--fid needs --inception PATH: the FID Inception's weights (pytorch-fid's "
-                          "pt_inception-2015-12-05-6726825d.pth; chapter 12a)")
+        raise ConfigError("--fid needs --inception PATH: the FID Inception's weights "
+                          "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth; chapter 12a)")
     run = Run.open(run_dir)
     preset = run.preset
     state = processes()
@@ -475,9 +478,9 @@ def evaluate_command(run_dir: Param("run directory written by hvae_nb.train", st
                      combine: store_true = False,      # write the result of complete parts
                      # samples' temperature: a number, or one per group (bottom first): 0.5,0.7,1
                      temperature: str = '1.0',
-                     readjust_bn: int = 0,             # sampling passes to readjust batch norm (NVAE)
-                     fid: int = 0,                     # FID of this many samples against the split (0: off)
-                     inception: str = None,            # the FID Inception's weights (pytorch-fid's file)
+                     readjust_bn: int = 0,             # passes to readjust batch norm (NVAE)
+                     fid: int = 0,                     # FID of this many samples (0: off)
+                     inception: str = None,            # FID Inception weights (pytorch-fid's)
                      no_progress: store_true = False): # hide the progress bar
     """Evaluate a trained run: IW-NLL, negative ELBO, KL and active units per group; keeps them in
     RUN_DIR/eval.json and draws RUN_DIR/figures/."""

@@ -57,9 +57,11 @@ class Group:
         if `use_mean`. With a `Sampling`, `group` (the group's number, 0 at the bottom) picks its
         temperature, or the value it is given."""
         if isinstance(temperature, Sampling):
-            per_group = temperature.latents or not isinstance(temperature.temperatures, (int, float))
+            one_number = isinstance(temperature.temperatures, (int, float))
+            per_group = temperature.latents or not one_number
             if group is None and per_group:
-                raise ValueError("per-group temperatures and given latents need the group's number: "
+                raise ValueError("per-group temperatures and given latents need the group's "
+                                 "number: "
                                  "the family's walk calls Group.draw(..., group=l)")
             given = temperature.latents.get(group)
             if posterior is None and given is not None:
@@ -173,7 +175,8 @@ class HierarchicalVAE(nn.Module, ABC):
 
     def checkpoint_blocks(self) -> list[nn.Module]:
         """The blocks whose activations training may recompute in the backward pass instead of
-        keeping them (`checkpoint_activations`): a deep family's repeated blocks; none by default."""
+        keeping them (`checkpoint_activations`): a deep family's repeated blocks; none by default.
+        """
         return []
 
     def penalty(self, beta: float) -> Tensor | float:
@@ -229,8 +232,8 @@ class HierarchicalVAE(nn.Module, ABC):
 
     @torch.no_grad()
     def encode(self, x: Tensor, use_mean: bool = True) -> list[Tensor]:
-        """The latents of `x`, every group's, bottom -> top: the posterior means (taken group by group
-        from the top), or one posterior sample."""
+        """The latents of `x`, every group's, bottom -> top: the posterior means (taken group by
+        group from the top), or one posterior sample."""
         return [g.z for g in self.posterior_walk(x, use_mean=use_mean).groups]
 
     @torch.no_grad()
@@ -257,10 +260,12 @@ class HierarchicalVAE(nn.Module, ABC):
         return torch.stack(frames)
 
     @torch.no_grad()
-    def traverse(self, x: Tensor, group: int, unit: int, values, temperature: float = 0.0) -> Tensor:
-        """(len(values), B, C, H, W): `x` encoded, one unit (flattened index `unit`) of group `group`
-        set to each of `values` in units of its prior's scale around its prior's mean, the groups
-        above held, the groups below drawn from their priors at `temperature` (0: their means)."""
+    def traverse(self, x: Tensor, group: int, unit: int, values,
+                 temperature: float = 0.0) -> Tensor:
+        """(len(values), B, C, H, W): `x` encoded, one unit (flattened index `unit`) of group
+        `group` set to each of `values` in units of its prior's scale around its prior's mean, the
+        groups above held, the groups below drawn from their priors at `temperature` (0: their
+        means)."""
         walk = self.posterior_walk(x, use_mean=True)
         given = {l: g.z for l, g in enumerate(walk.groups) if l > group}
         prior, frames = walk.groups[group].prior, []

@@ -218,7 +218,8 @@ class DecoderBlock(nn.Module):
         self.residual = Bottleneck(width, middle, width, r, residual=True, last_scale=depth_scale)
 
     def forward(self, states: dict, activated: Tensor | None, batch: int,
-                temperature: float = 1.0, use_mean: bool = False, group: int | None = None) -> Group:
+                temperature: float = 1.0, use_mean: bool = False,
+                group: int | None = None) -> Group:
         """Update `states[resolution]`; z from the posterior if `activated`, the GELU of the
         encoder's features at this resolution, is given, else from the prior."""
         r, c = self.resolution, self.latent_channels
@@ -346,8 +347,8 @@ class VDVAE(HierarchicalVAE):
         return [(c, b.resolution, b.resolution) for b in reversed(self.decoder.blocks)]
 
     def checkpoint_blocks(self) -> list[nn.Module]:
-        """Every residual bottleneck, the encoder's and the decoder blocks' (their prior, posterior and
-        residual): what a deep VDVAE keeps most of, each a function of tensors alone."""
+        """Every residual bottleneck, the encoder's and the decoder blocks' (their prior, posterior
+        and residual): what a deep VDVAE keeps most of, each a function of tensors alone."""
         parts = [[b.prior, b.posterior, b.residual] for b in self.decoder.blocks]
         return list(self.encoder.blocks) + [p for block in parts for p in block]
 
