@@ -1,13 +1,16 @@
-"""Fixtures shared by the docs checks (tests/test_docs.py, tests/test_site_browser.py): one processing, one rendering.
+"""Fixtures shared by several test files: the docs checks' site (tests/test_docs.py, tests/test_site_browser.py: one
+processing, one rendering) and a tiny trained run (tests/shared_runs.py: tests/test_evaluate.py, test_errors.py,
+test_train.py).
 
 The README's test command runs the files on two pytest-xdist workers (`-n 2 --dist loadgroup`). Each file is one
-group, so its module fixtures (a trained run, a rendered site) are built once, on one worker; the two docs files
-share a group, so the site is processed and rendered once for both."""
+group, so its module fixtures are built once, on one worker; the two docs files share a group, so the site is
+processed and rendered once for both. A session fixture (the tiny run) is built once on each worker that needs it."""
 import shutil
 
 import pytest
 
 from docs_site import RenderedSite, process_notebooks
+from shared_runs import snapshot, train_tiny_run
 
 
 @pytest.fixture(scope='session')
@@ -28,6 +31,18 @@ def processed(tmp_path_factory):
 def site(processed, pandoc) -> RenderedSite:
     "The chapters' pages, rendered by pandoc into the processed copy's `_proc/`, once for both checks."
     return RenderedSite(processed, pandoc)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    """A finished run of tests/shared_runs.py's recipe, shared by every test of this worker: read it, or copy it
+    (`shutil.copytree`) before writing into it. At the end of the session the directory must be as it was trained."""
+    folder = train_tiny_run(tmp_path_factory.mktemp('tiny_run') / 'run')
+    trained = snapshot(folder)
+    yield folder
+    now = snapshot(folder)
+    changed = sorted(str(p.relative_to(folder)) for p in trained.keys() | now.keys() if trained.get(p) != now.get(p))
+    if changed: pytest.fail(f"a test wrote into the shared tiny run instead of a copy: {', '.join(changed)}")
 
 
 SHARED_GROUPS = {'test_docs.py': 'site', 'test_site_browser.py': 'site'}

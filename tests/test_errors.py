@@ -12,10 +12,9 @@ import torch
 from hvae_nb import train as train_module
 from hvae_nb import evaluate as evaluate_module
 from hvae_nb import bench as bench_module
+from shared_runs import TINY_RUN_STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ['--preset', 'vae_digits', '--no-progress', '--override', 'eval_every=100000', 'final_eval_samples=5',
-        'log_every=1']
 
 
 def snapshot(folder): return {p: p.stat().st_mtime_ns for p in Path(folder).rglob('*')}
@@ -31,15 +30,6 @@ def one_line_error(capsys, main, argv, program):
 
 
 @pytest.fixture(scope='module')
-def finished(tmp_path_factory):
-    "A finished 20-step vae_digits run with a cosine schedule."
-    torch.set_num_threads(1)
-    run_dir = tmp_path_factory.mktemp('errors') / 'run'
-    train_module.main(TINY + ['--max-steps', '20', '--save-every', '10', '--out', str(run_dir)])
-    return run_dir
-
-
-@pytest.fixture(scope='module')
 def corrupt_mnist(tmp_path_factory):
     "A data directory whose MNIST training images are a gzip file holding garbage."
     folder = tmp_path_factory.mktemp('data')
@@ -50,7 +40,7 @@ def corrupt_mnist(tmp_path_factory):
     return folder
 
 
-def train_cases(tmp_path, finished, corrupt_mnist):
+def train_cases(tmp_path, tiny_run, corrupt_mnist):
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
     return [  # (argv, what the line must say)
@@ -78,31 +68,32 @@ def train_cases(tmp_path, finished, corrupt_mnist):
         (['--out', str(a_file / 'run')], 'is a file, not a directory'),
         (['--out', '/proc/hvae_nb_test/run'], 'cannot create run directory /proc/hvae_nb_test/run'),
         # run directories and checkpoints
-        (['--out', str(finished)], 'already holds a run'),
+        (['--out', str(tiny_run)], 'already holds a run'),
         (['--resume', str(tmp_path / 'nothing')], 'cannot resume'),
-        (['--resume', str(finished)], 'already finished at step 20'),
-        (['--resume', str(finished), '--max-steps', '10'], 'a run cannot be shortened'),
-        (['--resume', str(finished), '--preset', 'lvae_digits'], 'cannot resume preset'),
+        (['--resume', str(tiny_run)], f'already finished at step {TINY_RUN_STEPS}'),
+        (['--resume', str(tiny_run), '--max-steps', str(TINY_RUN_STEPS // 2)], 'a run cannot be shortened'),
+        (['--resume', str(tiny_run), '--preset', 'lvae_digits'], 'cannot resume preset'),
     ]
 
 
-def test_train_bad_input_is_one_line_and_changes_nothing(tmp_path, finished, corrupt_mnist, capsys):
-    before = snapshot(finished)
-    for argv, expected in train_cases(tmp_path, finished, corrupt_mnist):
+def test_train_bad_input_is_one_line_and_changes_nothing(tmp_path, tiny_run, corrupt_mnist, capsys):
+    before = snapshot(tiny_run)
+    for argv, expected in train_cases(tmp_path, tiny_run, corrupt_mnist):
         line = one_line_error(capsys, train_module.main, argv + ['--no-progress'], 'hvae_nb.train')
         assert expected in line, (argv, line)
-    assert snapshot(finished) == before
+    assert snapshot(tiny_run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']        # no run directory was started
 
 
-def test_a_corrupt_checkpoint_is_one_line(finished, tmp_path, capsys):
+def test_a_corrupt_checkpoint_is_one_line(tiny_run, tmp_path, capsys):
     import shutil
     copy = tmp_path / 'copy'
-    shutil.copytree(finished, copy)
+    shutil.copytree(tiny_run, copy)
     latest = sorted((copy / 'checkpoints').iterdir())[-1]
     (latest / 'train_state.json').write_text('{not json')
     before = snapshot(copy)
-    line = one_line_error(capsys, train_module.main, ['--resume', str(latest), '--max-steps', '30', '--no-progress'],
+    line = one_line_error(capsys, train_module.main,
+                          ['--resume', str(latest), '--max-steps', str(TINY_RUN_STEPS + 10), '--no-progress'],
                           'hvae_nb.train')
     assert 'train_state.json' in line and 'is corrupt' in line
     assert snapshot(copy) == before
@@ -119,44 +110,45 @@ def test_the_real_command_line_prints_no_traceback(tmp_path):
         assert 'Traceback' not in done.stderr
 
 
-def test_evaluate_and_bench_bad_input(tmp_path, finished, capsys):
+def test_evaluate_and_bench_bad_input(tmp_path, tiny_run, capsys):
     a_file = tmp_path / 'a_file'
     a_file.write_text('x')
-    before = snapshot(finished)
+    before = snapshot(tiny_run)
     for argv, expected in [([str(a_file)], 'is not a run directory: it is a file'),
                            ([str(tmp_path / 'nothing')], 'does not exist'),
-                           ([str(finished), '--k', '0'], '--k must be at least 1'),
-                           ([str(finished), '--data-dir', str(a_file)], 'is a file, not a directory')]:
+                           ([str(tiny_run), '--k', '0'], '--k must be at least 1'),
+                           ([str(tiny_run), '--data-dir', str(a_file)], 'is a file, not a directory')]:
         assert expected in one_line_error(capsys, evaluate_module.main, argv + ['--no-progress'], 'hvae_nb.evaluate')
-    assert snapshot(finished) == before
+    assert snapshot(tiny_run) == before
     for argv, expected in [(['--presets', 'no_such_preset'], "unknown preset 'no_such_preset'"),
                            (['--out', str(a_file / 'x.jsonl')], 'cannot write there')]:
         assert expected in one_line_error(capsys, bench_module.main, argv, 'hvae_nb.bench')
 
 
-def test_extending_a_finished_run_rebuilds_its_schedule(finished, tmp_path, capsys):
+def test_extending_a_finished_run_rebuilds_its_schedule(tiny_run, tmp_path, capsys):
     import shutil
     from hvae_nb.train import make_optimizer, make_scheduler
     from hvae_nb.configs import TrainConfig
-    run_dir = tmp_path / 'extended'
-    shutil.copytree(finished, run_dir)
-    train_module.main(['--resume', str(run_dir), '--max-steps', '40', '--no-progress'])
+    run_dir, steps_before, steps_after = tmp_path / 'extended', TINY_RUN_STEPS, TINY_RUN_STEPS + 40
+    shutil.copytree(tiny_run, run_dir)
+    train_module.main(['--resume', str(run_dir), '--max-steps', str(steps_after), '--no-progress'])
     err = capsys.readouterr().err
     assert 'learning-rate schedule rebuilt' in err and 'max_steps' in err
     config = json.loads((run_dir / 'config.json').read_text())
-    assert config['preset']['train']['max_steps'] == 40
-    assert config['history'][-1]['changed']['max_steps'] == dict(before=20, after=40)
+    assert config['preset']['train']['max_steps'] == steps_after
+    assert config['history'][-1]['changed']['max_steps'] == dict(before=steps_before, after=steps_after)
     records = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines()]
     steps = {r['step']: r['lr'] for r in records if 'loss' in r}
-    assert sorted(steps) == list(range(1, 41)) and sum('test' in r for r in records) == 2   # one per finish
-    # the rates after step 20 follow a 40-step cosine from step 20, not the 20-step one restarted
+    assert sorted(steps) == list(range(1, steps_after + 1)) and sum('test' in r for r in records) == 2  # per finish
+    # the rates after the old end follow the longer cosine from there, not the shorter one restarted
     recipe = TrainConfig(**config['preset']['train'])
     optimizer = make_optimizer(torch.nn.Linear(1, 1), recipe)
     scheduler, expected = make_scheduler(optimizer, recipe), {}
-    for step in range(1, 41):      # the rate step s is taken at
+    for step in range(1, steps_after + 1):      # the rate step s is taken at
         expected[step] = scheduler.get_last_lr()[0]; optimizer.step(); scheduler.step()
-    assert all(abs(steps[s] - expected[s]) < 1e-12 for s in range(21, 41))
-    assert steps[21] > steps[20] * 0.5 and max(steps[s] for s in range(21, 41)) < steps[1]
+    extension = range(steps_before + 1, steps_after + 1)
+    assert all(abs(steps[s] - expected[s]) < 1e-12 for s in extension)
+    assert steps[steps_before + 1] > steps[steps_before] * 0.5 and max(steps[s] for s in extension) < steps[1]
 
 
 def test_a_warmup_longer_than_the_run_warns_in_one_line(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""`python -m hvae_nb.evaluate` on a tiny run trained here: 200 steps of vae_digits with EMA on.
+"""`python -m hvae_nb.evaluate` on the tiny run the test files share (tests/shared_runs.py: 200 steps of vae_digits
+with EMA on), read where it lies or copied where a test writes.
 
 The command line is run as a user runs it (a subprocess); the few checks that need the library's pieces call them
 directly. Bad input must give exit status 2 and one line on stderr, and must not write an eval.json."""
@@ -31,26 +32,15 @@ def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run(evaluate_command(*args), capture_output=True, text=True, env=ENVIRONMENT, timeout=300)
 
 
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory) -> Path:
-    from hvae_nb.train import train
-    # 200 steps: enough to beat independent pixels (an untrained model sits at the coin flips' 44 nats, and
-    # 30 steps only reach the independent pixels' 27)
-    preset = apply_overrides(get_preset('vae_digits'), {
-        'max_steps': '200', 'eval_every': '100', 'save_every': '200', 'log_every': '20', 'eval_examples': '50',
-        'eval_samples': '5', 'final_eval_samples': '5', 'ema_decay': '0.9'})
-    folder = tmp_path_factory.mktemp('evaluate') / 'run'
-    train(preset, out=folder, progress=False)
-    return folder
-
-
-def test_eval_json_and_figures(tiny_run):
-    done = run(tiny_run, '--k', '20', '--max-examples', '60', '--batch-size', '25')
+def test_eval_json_and_figures(tiny_run, tmp_path):
+    # a copy: the evaluation writes eval.json and figures/ into the run it scores
+    run_dir = shutil.copytree(tiny_run, tmp_path / 'run', ignore=shutil.ignore_patterns('checkpoints'))
+    done = run(run_dir, '--k', '20', '--max-examples', '60', '--batch-size', '25')
     assert done.returncode == 0, done.stderr
-    result = json.loads((tiny_run / 'eval.json').read_text())['test_k20_60of297_batch25']
+    result = json.loads((run_dir / 'eval.json').read_text())['test_k20_60of297_batch25']
     # one short line, with the number and where the rest was written
     assert len(done.stdout.strip().splitlines()) == 1 and f"{result['nll_nats']:.2f} nats" in done.stdout
-    assert str(tiny_run / 'eval.json') in done.stdout
+    assert str(run_dir / 'eval.json') in done.stdout
     assert (result['preset'], result['dataset'], result['split'], result['k']) == ('vae_digits', 'digits', 'test', 20)
     assert (result['num_examples'], result['split_size'], result['subset_seed']) == (60, 297, 0)
     assert result['weights'] == dict(file='model.safetensors', kind='ema', ema_decay=0.9,
@@ -73,7 +63,7 @@ def test_eval_json_and_figures(tiny_run):
     active = result['active_units']
     assert active['group_sizes'] == [8] and active['total'] == sum(active['per_group']) and active['threshold'] == 0.01
     # the count, recomputed from the posterior means of the weights on disk
-    model = Run.open(tiny_run).model()
+    model = Run.open(run_dir).model()
     with torch.no_grad(): means = model.posterior_means(images)[0]
     assert active['per_group'] == [int((means.var(0) > 0.01).sum())]
     # with the prior N(0, I) the KL of a unit is at least mu^2 / 2: a lower bound from the same means
@@ -81,7 +71,7 @@ def test_eval_json_and_figures(tiny_run):
     # the pictures
     assert sorted(result['figures']) == sorted(FIGURE_NAMES)
     for name in FIGURE_NAMES:
-        data = (tiny_run / 'figures' / name).read_bytes()
+        data = (run_dir / 'figures' / name).read_bytes()
         assert data.startswith(b'\x89PNG') and len(data) > 2000, name
 
 

@@ -1,7 +1,7 @@
 """A third model, defined here and nowhere in the package, gets training, the IW-NLL, the diagnostics, the evaluation
 figures and the benchmark by implementing the interface of chapter 02 -- and nothing else. Its hooks (a KL weighting
 and a penalty) and a posterior without a closed-form KL (a shift flow) go through the same trace and the same loss."""
-import json, math
+import json, math, shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -87,6 +87,8 @@ def preset(**model):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
+    """This file's own run, not the shared tiny run of tests/conftest.py: its model is the family defined here (two
+    groups, a penalty through the hook), which is what the tests below check the faces against."""
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp('third') / 'run'
     return train(preset(penalty_weight=1e-3), out=run_dir, progress=False)
@@ -111,10 +113,11 @@ def test_diagnostics_evaluation_figures_and_benchmark(trained, tmp_path):
     assert kl_per_group(model, images).shape == (2,)
     active = active_units(model, images)
     assert active.sizes == [6, 3] and model.num_groups == 2
-    result = evaluate_run(trained.run_dir, k=10, max_examples=40, progress=False)
+    run_dir = shutil.copytree(trained.run_dir, tmp_path / 'run')      # the evaluation writes into the run
+    result = evaluate_run(run_dir, k=10, max_examples=40, progress=False)
     assert sorted(result['figures']) == sorted(FIGURE_NAMES)
     assert len(result['kl_per_group_nats']) == 2
-    assert Run.open(trained.run_dir).evaluations()[result['name']]['nll_nats'] == result['nll_nats']
+    assert Run.open(run_dir).evaluations()[result['name']]['nll_nats'] == result['nll_nats']
     bench = benchmark_preset(preset(), batch_size=8, steps=1, repeats=1, warmup=1, budget_s=0.5)
     assert bench['status'] == 'ok' and bench['parameters'] == sum(p.numel() for p in model.parameters())
 

@@ -4,6 +4,7 @@ import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
+from shared_runs import TINY_RUN_STEPS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ['--preset', 'vae_digits', '--no-progress', '--override', 'log_every=1', 'eval_every=100000',
@@ -194,35 +195,28 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / 'run').exists()
 
-@pytest.fixture(scope='module')
-def finished_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp('finished') / 'run'
-    result = run(TINY + ['--max-steps', '20', '--save-every', '10', '--out', str(run_dir)])
-    assert result.returncode == 0, result.stderr
-    return run_dir
-
 def snapshot(folder): return {p: p.stat().st_mtime_ns for p in Path(folder).rglob('*')}
 
-def test_resume_with_another_preset_is_refused(finished_run):
-    before = snapshot(finished_run)
-    result = run(['--preset', 'lvae_digits', '--resume', str(finished_run), '--no-progress'])
+def test_resume_with_another_preset_is_refused(tiny_run):
+    before = snapshot(tiny_run)
+    result = run(['--preset', 'lvae_digits', '--resume', str(tiny_run), '--no-progress'])
     assert result.returncode == 2 and 'cannot resume' in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert snapshot(finished_run) == before
+    assert snapshot(tiny_run) == before
 
-def test_a_new_run_never_overwrites_an_existing_one(finished_run):
-    before = snapshot(finished_run)
-    result = run(TINY + ['--max-steps', '5', '--out', str(finished_run)])
+def test_a_new_run_never_overwrites_an_existing_one(tiny_run):
+    before = snapshot(tiny_run)
+    result = run(TINY + ['--max-steps', '5', '--out', str(tiny_run)])
     assert result.returncode == 2 and 'already holds a run' in result.stderr
-    assert snapshot(finished_run) == before
+    assert snapshot(tiny_run) == before
 
-def test_corrupted_checkpoint_is_reported_not_loaded(finished_run, tmp_path):
+def test_corrupted_checkpoint_is_reported_not_loaded(tiny_run, tmp_path):
     import shutil
     copy = tmp_path / 'copy'
-    shutil.copytree(finished_run, copy)
+    shutil.copytree(tiny_run, copy)
     latest = checkpoints(copy)[-1]
     (latest / 'model.safetensors').write_bytes(b'\x00' * 100)
     before = snapshot(copy)
-    result = run(['--resume', str(copy), '--max-steps', '30', '--no-progress'])
+    result = run(['--resume', str(copy), '--max-steps', str(TINY_RUN_STEPS + 10), '--no-progress'])
     assert result.returncode == 2, result.stderr
     assert 'is corrupt' in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert snapshot(copy) == before
@@ -232,7 +226,7 @@ def test_tensorboard_tracker_writes_event_files(tmp_path):
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / 'run').rglob('events.out.tfevents.*'))
 
-def test_from_pretrained_loads_the_final_weights(finished_run):
+def test_from_pretrained_loads_the_final_weights(tiny_run):
     from hvae_nb.runs import from_pretrained
-    model = from_pretrained(finished_run)
+    model = from_pretrained(tiny_run)
     assert model.sample(4).shape == (4, 1, 8, 8)
