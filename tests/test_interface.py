@@ -56,7 +56,7 @@ class TwoGroupVAE(HierarchicalVAE):
     def top_down(self, features, batch, keep, temperature=1.0, use_mean=False):
         top_prior = DiagonalGaussian.standard((batch, self.config.top), self.device)
         top_q = DiagonalGaussian(*gaussian_params(self.heads[1](features))) if keep >= 1 else None
-        top = Group.draw(top_prior, top_q, use_mean, temperature)
+        top = Group.draw(top_prior, top_q, use_mean, temperature, group=1)
         if top_q is not None and self.config.flow and not use_mean:
             # z -> z + tanh(W z): log q(z') = log q(z) - log|det J|, J = I + diag(1 - tanh^2) W
             shifted = top.z + torch.tanh(self.shift(top.z))
@@ -65,7 +65,7 @@ class TwoGroupVAE(HierarchicalVAE):
             top = Group(shifted, top_prior, top_q, log_q)
         bottom_prior = DiagonalGaussian(*gaussian_params(self.prior_net(top.z)))
         bottom_q = DiagonalGaussian(*gaussian_params(self.heads[0](features))) if keep >= 2 else None
-        bottom = Group.draw(bottom_prior, bottom_q, use_mean, temperature)
+        bottom = Group.draw(bottom_prior, bottom_q, use_mean, temperature, group=0)
         return Walk([bottom, top], self.decoder(bottom.z))
 
     def kl_weights(self, kl, beta):
