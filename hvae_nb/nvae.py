@@ -302,6 +302,13 @@ class NVAE(HierarchicalVAE):
     def latent_shapes(self) -> list[tuple]:
         return [(self.config.latent_channels, *size) for size in reversed(self.latent_sizes)]
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """Every residual cell (pre- and post-processing, each group's sampling and normal cells):
+        where NVAE's activations are, each a function of one tensor."""
+        per_group = [[g.down, *g.encoder_cells, g.up, *g.decoder_cells] for g in self.groups]
+        cells = [*self.preprocess, *(c for group in per_group for c in group), *self.postprocess]
+        return [c for c in cells if not isinstance(c, nn.Identity)]
+
     def bottom_up(self, x: Tensor) -> list[Tensor]:
         "The feature every group's posterior reads, top-down."
         p = self.config.padding

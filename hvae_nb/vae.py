@@ -10,7 +10,7 @@ __all__ = ['Sampling', 'Group', 'Walk', 'LatentTrace', 'VAEOutput', 'elbo_loss',
 
 # %% ../nbs/02_vae.ipynb #6151a5d7
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 import math, sys
 from typing import ClassVar
@@ -399,17 +399,29 @@ def readjust_batch_norm(model: HierarchicalVAE, num_batches: int = 500, batch_si
     for _ in range(num_batches): model.sample(batch_size, temperature)
     return model.eval()
 
+@contextmanager
+def _buffers_kept(block: nn.Module):
+    """The block's buffers as they were before: a recomputed forward must not count its batch twice
+    in a batch norm's running statistics."""
+    saved = [(b, b.clone()) for b in block.buffers()]
+    try: yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved: buffer.copy_(value)
+
 def checkpoint_activations(model: HierarchicalVAE, every: int = 1) -> int:
     """Make one in every `every` of the model's `checkpoint_blocks` recompute its activations in the
-    backward pass instead of keeping them (`torch.utils.checkpoint`, its random state replayed, so
-    the loss and gradients are the same); 0 leaves the model as it is. Returns how many blocks."""
+    backward pass instead of keeping them (`torch.utils.checkpoint`, its random state replayed and
+    its buffers left as the first forward left them, so the loss, gradients and batch-norm
+    statistics are the same); 0 leaves the model as it is. Returns how many blocks."""
     if every <= 0: return 0
     chosen = model.checkpoint_blocks()[::every]
     for block in chosen:
         forward = block.forward
-        def recomputed(*args, forward=forward, **kwargs):
+        contexts = lambda block=block: (nullcontext(), _buffers_kept(block))
+        def recomputed(*args, forward=forward, contexts=contexts, **kwargs):
             if not torch.is_grad_enabled(): return forward(*args, **kwargs)
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
         block.forward = recomputed
     return len(chosen)
 

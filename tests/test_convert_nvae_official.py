@@ -117,3 +117,19 @@ def test_converted_model_gives_the_official_output(tmp_path):
         walk = wrong.posterior_walk(x, use_mean=True)
         assert not torch.allclose(wrong.likelihood.log_prob(walk.params, x),
                                   torch.tensor(small['log_px']), rtol=1e-5, atol=1e-3)
+
+
+def test_a_converted_nvae_run_names_nvidias_licence(tmp_path, capsys):
+    "The official NVAE weights are non-commercial: the converted run keeps that, and says so."
+    from hvae_nb.convert import main
+    from hvae_nb.runs import Run
+    small = FIXTURE['small']
+    save_as_train_py(tmp_path / 'small.pt', small['args'], fixture_tensors(small['state'], small['seed']))
+    config = nvae_config(small['args'], 'small')
+    run_dir = convert_nvae(tmp_path / 'small.pt',
+                           replace(get_preset('nvae_mnist'), name='nvae_small', model=config), tmp_path / 'run')
+    assert 'NVIDIA Source Code License: non-commercial' in Run.open(run_dir).config['launch']['licence']
+    entry = CONFIGURATIONS['mnist']     # from the command line, the preset inferred
+    save_as_train_py(tmp_path / 'mnist.pt', entry['args'], numbered_state(entry['state']))
+    main(['nvae', str(tmp_path / 'mnist.pt'), '--out', str(tmp_path / 'cli')])
+    assert "licence: NVIDIA Source Code License: non-commercial use only" in capsys.readouterr().out

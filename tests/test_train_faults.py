@@ -174,8 +174,10 @@ def test_a_diverging_run_rolls_back_to_its_last_checkpoint_at_a_lower_rate(tmp_p
     assert calls[:16] == list(range(15)) + [10]                   # step 15's failure sends it back to step 10
 
 
-@pytest.mark.parametrize('name', ['vdvae_digits'])
+@pytest.mark.parametrize('name', ['vdvae_digits', 'nvae_digits'])
 def test_activation_checkpointing_keeps_loss_and_gradients_and_saves_memory(name):
+    "Against the same step without recomputation: loss, gradients and every buffer (NVAE's batch-norm statistics)."
+
     from hvae_nb.vae import checkpoint_activations
     x = torch.bernoulli(torch.full((16, 1, 8, 8), 0.3))
     results = {}
@@ -189,11 +191,12 @@ def test_activation_checkpointing_keeps_loss_and_gradients_and_saves_memory(name
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = model(x)
         out.objective.backward()
         results[every] = (out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept),
-                          blocks)
-    loss, gradients, memory, _ = results[0]
+                          blocks, {n: b.clone() for n, b in model.named_buffers()})
+    loss, gradients, memory, _, buffers = results[0]
     for every in (1, 3):
         assert results[every][0] == loss
         assert all(torch.allclose(results[every][1][n], g, atol=1e-7) for n, g in gradients.items())
+        assert all(torch.equal(results[every][4][n], b) for n, b in buffers.items()), name   # a batch counted once
     assert results[1][3] > results[3][3] > 0 and results[0][3] == 0
     assert results[1][2] < results[3][2] < memory          # fewer activations kept, the more blocks recompute
 
