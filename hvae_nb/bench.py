@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from fastcore.imports import in_notebook
 from fastcore.script import Param, store_true
 from .configs import ConfigError, check_device, check_mixed_precision
@@ -58,6 +59,9 @@ def make_training_step(model, preset: Preset, images: torch.Tensor, compiled: bo
     wraps the model, `mixed_precision` ('no', 'fp16', 'bf16') is the Accelerator's, as
     `train --mixed-precision`."""
     train = replace(preset.train, batch_size=len(images), grad_accum=1)
+    # Accelerate keeps one state per process and refuses another precision after the first: the
+    # benchmark measures several in one process (a launched process's own state is kept)
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=images.device.type == 'cpu', mixed_precision=mixed_precision)
     prepared, optimizer = accelerator.prepare(model, make_optimizer(model, train))
     forward = torch.compile(prepared) if compiled else prepared

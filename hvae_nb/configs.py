@@ -100,8 +100,9 @@ def register_family(config_class: type) -> type:
         raise ConfigError(f"{config_class!r} is not a ModelConfig subclass with a `family` name")
     home = BUILT_IN_FAMILIES.get(config_class.family)
     if home is not None and config_class.__module__ != home:
-        # a copy of a library family defined elsewhere (its chapter run as a notebook): the library's
-        # class keeps the name, so one process that runs several chapters builds one kind of model
+        # a copy of a library family defined elsewhere (its chapter run as a notebook): the
+        # library's class keeps the name, so one process that runs several chapters builds one
+        # kind of model
         importlib.import_module(home)
         return config_class
     MODEL_FAMILIES[config_class.family] = config_class

@@ -24,7 +24,7 @@ from .cli import parse_arguments, run_command
 # %% ../nbs/14_convert.ipynb #c2b14442
 def _load_safely(path, allowed: tuple = ()):
     """What `torch.save` wrote at `path`, read without running code (weights only; `allowed`: the
-    few other classes a checkpoint may rebuild); else a one-line RunError saying what the file is."""
+    few other classes a checkpoint may rebuild); else a one-line RunError saying what it is."""
     path = Path(path)
     if path.is_dir(): raise RunError(f"checkpoint {path} is a directory, not a file")
     if not path.is_file(): raise RunError(f"checkpoint {path} does not exist")

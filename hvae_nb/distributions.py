@@ -146,17 +146,23 @@ class DiscretizedLogisticMixture:
         # the same arithmetic as log_prob's 2 * (k / levels) - 1, so a level compares equal there
         return 2 * (torch.round((value.clamp(-1, 1) + 1) / 2 * self.levels) / self.levels) - 1
 
-    def _draw_components(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        "A component per pixel, drawn from the weights: its means, log-scales (B,C,H,W), couplings."
+    def _draw_components(self, params: Tensor,
+                         temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """A component per pixel, drawn from the weights (of logits / `temperature`): its means,
+        log-scales (B,C,H,W; the scales divided by `temperature`), couplings."""
         logits, means, log_scales, coefficients = self._split(params)
+        if temperature != 1:
+            logits, log_scales = logits / temperature, log_scales - math.log(temperature)
         component = torch.distributions.Categorical(logits=logits.movedim(1, -1)).sample()
         index = component[:, None, None]                                       # (B,1,1,H,W)
         pick = lambda t: t.gather(1, index.expand(-1, 1, *t.shape[2:]).contiguous()).squeeze(1)
         return pick(means), pick(log_scales), pick(coefficients)
 
-    def sample(self, params: Tensor) -> Tensor:
-        "Draw images in [0, 1] on the likelihood's levels, from the distribution log_prob scores."
-        mean, log_scale, alpha = self._draw_components(params)
+    def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
+        """Draw images in [0, 1] on the likelihood's levels, from the distribution log_prob scores;
+        at a `temperature` t other than 1 as NVAE's `DiscMixLogistic.sample(t)` draws (chapter
+        08): the component from the logits divided by t, each logistic's scale divided by t."""
+        mean, log_scale, alpha = self._draw_components(params, temperature)
         u = torch.rand_like(mean).clamp(1e-5, 1 - 1e-5)
         noise = torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))         # logistic
         channels, k = [], 0

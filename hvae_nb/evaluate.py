@@ -19,7 +19,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from fastcore.imports import in_notebook
 from fastcore.script import Param, store_true
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 from .data import (DataError, ImageSet, file_sha256, fixed_binarization, random_subset,
                           show_images)
@@ -28,7 +28,7 @@ from .vae import (evaluating, evaluation_blocks, readjust_batch_norm, score_imag
                          summarize)
 from .diagnostics import active_units, plot_kl_and_active_units
 from .fid import fid_score, load_inception
-from .runs import Run, RunError, write_json_atomically
+from .runs import Run, RunError, save_tensors, write_json_atomically
 from .cli import default_device, parse_arguments, run_command
 
 # %% ../nbs/12_evaluate.ipynb #5209a53a
@@ -113,9 +113,7 @@ def _save_part(folder: Path, part: int, parts: int, settings: dict,
     they never hold fewer rows than the JSON says."""
     tensors, about = _part_files(folder, part, parts)
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = tensors.with_name('.' + tensors.name)
-    save_file({key: value.contiguous() for key, value in scores.items()}, temporary)
-    os.replace(temporary, tensors)
+    save_tensors({key: value.contiguous() for key, value in scores.items()}, tensors)
     write_json_atomically(about, dict(settings=settings, rows=len(scores['rows']),
                                       blocks_done=blocks_done, seconds=round(seconds, 2)))
 

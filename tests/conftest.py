@@ -53,3 +53,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
         item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(name, name)))
+
+
+@pytest.fixture(autouse=True)
+def _accelerate_state_of_its_own():
+    """Accelerate keeps one state per process and refuses an Accelerator of another precision after it: each test
+    starts without one (a worker runs many tests in one process)."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

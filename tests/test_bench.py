@@ -80,7 +80,7 @@ def test_mfu_from_a_known_throughput_and_peak(monkeypatch):
     def known_throughput(call, images_per_call, *args, **kwargs):
         return bench.Throughput(images_per_s=1000.0, repeats=[1000.0], calls_per_repeat=1, first_call_s=0.0)
     monkeypatch.setattr(bench, 'measure_throughput', known_throughput)
-    monkeypatch.setattr(bench, 'matmul_peak_flops', lambda device: 2e11)
+    monkeypatch.setattr(bench, 'matmul_peak_flops', lambda device, *args, **kwargs: 2e11)
     result = bench.benchmark_preset(get_preset('vae_digits'), batch_size=16, device='cpu')
     flops = mlp_vae_training_flops(get_preset('vae_digits').model, 16)
     assert result['mfu'] == pytest.approx(flops * (1000.0 / 16) / 2e11)

@@ -193,6 +193,9 @@ def test_an_evaluation_in_parts_resumes_and_equals_one_pass(tiny_run, tmp_path, 
     save_file({key: torch.cat([value, value[:7]]) for key, value in saved.items()}, folder / 'part_0_of_2.safetensors')
     part(0)                                      # resumes after its first block, and, last, writes the result
     assert 'resuming after 1 of 3 blocks' in capsys.readouterr().err
+    umask = os.umask(0); os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes    # readable as the umask says (safetensors alone: 0600)
     result = Run.open(run_dir).evaluations()['test_k3_batch50']
     assert (result['num_examples'], result['split_size'], result['parts']) == (297, 297, 2)
     # the blocks are seeded by their number: one pass gives every image the same numbers, the mean exactly

@@ -199,3 +199,45 @@ def test_convert_command_line(tmp_path):
                            '--out', str(tmp_path / 'run')], capture_output=True, text=True, env=environment,
                           timeout=300)
     assert done.returncode == 2 and done.stderr.count('\n') == 1 and 'no preset has' in done.stderr
+
+
+def _official_preview_sampler(logits, means, log_scales, coefficients, t, generator):
+    """NVlabs/NVAE's DiscMixLogistic.sample(t) as its train.py draws previews, written here from reading it: a
+    Gumbel-max choice on logits / t, logistic noise at scale exp(log_scale) / t, each channel clamped to [-1, 1]
+    and shifted by the earlier ones, then mapped to [0, 1] (unrounded). Shapes: logits (B, M), the rest (B, M, 3)."""
+    u = torch.rand(logits.shape, generator=generator).clamp(1e-5, 1 - 1e-5)
+    chosen = (logits / t - torch.log(-torch.log(u))).argmax(1)
+    pick = lambda v: v[torch.arange(len(v)), chosen]                      # (B, 3)
+    mean, log_scale, alpha = pick(means), pick(log_scales), pick(coefficients)
+    u = torch.rand(mean.shape, generator=generator).clamp(1e-5, 1 - 1e-5)
+    x = mean + torch.exp(log_scale) / t * (torch.log(u) - torch.log(1 - u))
+    r = x[:, 0].clamp(-1, 1)
+    g = (x[:, 1] + alpha[:, 0] * r).clamp(-1, 1)
+    b = (x[:, 2] + alpha[:, 1] * r + alpha[:, 2] * g).clamp(-1, 1)
+    return (torch.stack([r, g, b], 1) + 1) / 2
+
+
+@pytest.mark.parametrize('t', [1.0, 0.6])
+def test_the_mixture_samples_at_a_temperature_as_nvaes_previews(t):
+    "Each colour channel's distribution against the official preview sampler's (two-sample KS, 20,000 draws)."
+    from scipy.stats import ks_2samp
+    from hvae_nb.nvae import NVAELogisticMixture
+    mixture, m, n = NVAELogisticMixture(3), 3, 20_000
+    logits = torch.tensor([0.5, -0.3, 0.2])
+    means = torch.tensor([[-0.5, 0.1, 0.3], [0.2, -0.2, 0.0], [0.6, 0.4, -0.4]])      # component, channel
+    log_scales = torch.tensor([[-2.0, -1.8, -2.2], [-1.9, -2.1, -2.0], [-2.0, -2.0, -1.7]])
+    raw_couplings = torch.tensor([[0.3, -0.2, 0.1], [0.0, 0.4, -0.3], [-0.2, 0.1, 0.2]])
+    # NVAE's layout: M logits, then per channel M means, M log-scales, M couplings (pre-tanh)
+    per_channel = torch.stack([means.T, log_scales.T, raw_couplings.T], 1)              # channel, kind, M
+    params = torch.cat([logits, per_channel.flatten()]).view(1, -1, 1, 1).expand(n, -1, 1, 1)
+    torch.manual_seed(0)
+    ours = mixture.sample(params, temperature=t).view(n, 3)
+    expand = lambda v: v.expand(n, *v.shape)
+    theirs = _official_preview_sampler(expand(logits), expand(means), expand(log_scales),
+                                       expand(torch.tanh(raw_couplings)), t, torch.Generator().manual_seed(1))
+    for c in range(3):
+        assert ks_2samp(ours[:, c].numpy(), theirs[:, c].numpy()).pvalue > 1e-3, (t, c)
+    if t != 1:   # and the temperature is seen: t = 1 draws are another distribution
+        cold = _official_preview_sampler(expand(logits), expand(means), expand(log_scales),
+                                         expand(torch.tanh(raw_couplings)), 1.0, torch.Generator().manual_seed(2))
+        assert min(ks_2samp(ours[:, c].numpy(), cold[:, c].numpy()).pvalue for c in range(3)) < 1e-6

@@ -230,3 +230,11 @@ def test_from_pretrained_loads_the_final_weights(tiny_run):
     from hvae_nb.runs import from_pretrained
     model = from_pretrained(tiny_run)
     assert model.sample(4).shape == (4, 1, 8, 8)
+
+
+def test_every_file_of_a_run_is_readable_as_the_umask_says(tiny_run):
+    "safetensors writes its files for their owner only (0600): the weights, checkpoints and EMA must follow the umask."
+    umask = os.umask(0); os.umask(umask)
+    modes = {str(p.relative_to(tiny_run)): p.stat().st_mode & 0o777 for p in tiny_run.rglob('*') if p.is_file()}
+    assert any(name.endswith('ema.safetensors') for name in modes) and any('checkpoints' in n for n in modes)
+    assert {n: m for n, m in modes.items() if m != 0o666 & ~umask} == {}

@@ -540,6 +540,9 @@ def test_vdvae_digits_trains_from_the_command_line(tmp_path):
     )
     assert len(steps[0]['kl']) == 7 and 'test' in records[-1]
     assert from_pretrained(tmp_path / 'run').num_groups == 7
+    for r in steps:   # the logged loss in the unit of every family: nats per image, its parts summed
+        assert r['neg_elbo'] == pytest.approx(r['reconstruction'] + sum(r['kl']), rel=1e-4)
+        assert r['loss'] == pytest.approx(r['reconstruction'] + r['beta'] * sum(r['kl']) + r['penalty'], rel=1e-4)
 
 
 def test_skipped_updates_leave_the_weights_and_the_ema_alone(tmp_path, monkeypatch):

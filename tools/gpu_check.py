@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from hvae_nb.presets import PRESETS, get_preset  # noqa: E402
+from hvae_nb.runs import Run  # noqa: E402
 
 # the batch of one GPU in each paper's run: the global batch over the number of GPUs (the presets' descriptions)
 PER_GPU_BATCH = {'nvae_mnist': 200, 'nvae_cifar10': 32, 'nvae_celeba64': 16, 'nvae_imagenet32': 24,
@@ -61,8 +62,7 @@ def benchmark(presets: dict, precision: str, device: str, budget: float) -> list
 
 
 def step_losses(run_dir: Path) -> dict:
-    records = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines()]
-    return {r['step']: r['loss'] for r in records if 'loss' in r}
+    return {r['step']: r['loss'] for r in Run.open(run_dir).metrics() if 'loss' in r}
 
 
 def two_processes_equal_one(use_gpus: bool) -> dict:

@@ -6,7 +6,7 @@ model, labelled as what they are (Bernoulli means, not binary draws, for binary 
 The chapters cannot train for half an hour on every "Run All", so a long run's figure is made once by this script
 from its run directory and committed under nbs/images/ beside the text that states the run's numbers.
 """
-import argparse, json, sys
+import argparse, sys
 from pathlib import Path
 
 import matplotlib
@@ -39,7 +39,8 @@ def run_figure(run_dir: Path, out: Path, count: int = 16, seed: int = 0):
                            chosen[count // 2:], reconstructions[count // 2:]]), nrow=count // 2, ax=axes[1],
                 title=f'test images (rows 1, 3); {what} of p(x | z), z the mean of q(z | x) (rows 2, 4)')
     for ax in axes: ax.title.set_fontsize(9)
-    evaluation = json.loads((run_dir / 'eval.json').read_text()) if (run_dir / 'eval.json').exists() else None
+    # the run's evaluation with the most importance samples, if it has one
+    evaluation = max(run.evaluations().values(), key=lambda e: e.get('k', 0), default=None)
     if evaluation:
         fig.suptitle(f"{preset.name}: test IW-NLL {evaluation['nll_nats']:.2f} nats (k = {evaluation['k']}, "
                      f"{evaluation['num_examples']} of {evaluation['split_size']} test images)", fontsize=10)
