@@ -233,3 +233,59 @@ def test_array_file_reads_the_rows_asked_for(tmp_path):
     assert np.array_equal(array[7:19], pixels[7:19]) and array.shape == pixels.shape
     with open(tmp_path / 'a.npy', 'r+b') as f: f.truncate(300)
     with pytest.raises(Exception, match='truncated'): ArrayFile(tmp_path / 'a.npy')
+
+
+def _packed_pixels(folder: Path, split: str) -> np.ndarray:
+    return np.load(folder / f'{split}.npy')
+
+
+def test_the_imagenet_recipe_splits_by_the_release_folders(tmp_path):
+    "van den Oord et al.'s down-sampled ImageNet: train_32x32/ trains, valid_32x32/ tests; each image lands whole."
+    source, rng = tmp_path / 'release', np.random.default_rng(1)
+    drawn = {}
+    for folder, count in (('train_32x32', 5), ('valid_32x32', 3)):
+        (source / folder).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+            Image.fromarray(pixels).save(source / folder / f'{i:05d}.png')
+            drawn.setdefault(folder, []).append(pixels)
+    result = module('hvae_nb.data', 'pack', source, '--dataset', 'imagenet32', '--data-dir', tmp_path / 'data',
+                    '--no-progress')
+    assert result.returncode == 0, result.stderr
+    packed = tmp_path / 'data' / 'imagenet32'
+    for split, folder in (('train', 'train_32x32'), ('test', 'valid_32x32')):
+        np.testing.assert_array_equal(_packed_pixels(packed, split), np.stack(drawn[folder]))   # 32 px: untouched
+
+
+def test_a_test_list_names_the_test_images(tmp_path):
+    source = draw_folder(tmp_path / 'source')
+    listed = ['nested/000.png', '005.webp', '003.png']          # a path relative to the folder, and names
+    (tmp_path / 'test.txt').write_text('\n'.join(listed) + '\n')
+    result = module('hvae_nb.data', 'pack', source, '--name', 'listed', '--size', 8, '--data-dir', tmp_path / 'data',
+                    '--test-list', tmp_path / 'test.txt', '--no-progress')
+    assert result.returncode == 0, result.stderr
+    info = json.loads((tmp_path / 'data' / 'listed' / 'dataset.json').read_text())
+    assert {s: r['count'] for s, r in info['splits'].items()} == {'train': 9, 'test': 3}
+    (tmp_path / 'wrong.txt').write_text('nowhere.png\n')
+    one_line_error(module('hvae_nb.data', 'pack', source, '--name', 'wrong', '--size', 8, '--data-dir',
+                          tmp_path / 'data', '--test-list', tmp_path / 'wrong.txt', '--no-progress'),
+                   'not found', 'nowhere.png')
+
+
+def test_the_ffhq_and_celebahq_splits_are_the_papers(tmp_path):
+    "On file lists of the real sizes (no image is read): FFHQ-256 as openai/vdvae's data.py splits, FFHQ-1024 as its"
+    " setup script, CelebA-HQ-256 holding out 3,000 of 30,000."
+    files = [tmp_path / f'{i:05d}.png' for i in range(70_000)]
+    ffhq256 = data_module.PACK_RECIPES['ffhq256']
+    split = ffhq256.split(files, tmp_path, **ffhq256.settings)
+    np.random.seed(5)                                    # openai/vdvae: np.random.seed(5); permutation; last 7,000 valid
+    official = np.random.permutation(70_000)
+    np.testing.assert_array_equal(split['test'], np.sort(official[-7000:]))
+    np.testing.assert_array_equal(split['train'], np.sort(official[:-7000]))
+    ffhq1024 = data_module.PACK_RECIPES['ffhq1024']
+    split = ffhq1024.split(files, tmp_path, **ffhq1024.settings)
+    assert (split['train'][[0, -1]].tolist(), split['test'][[0, -1]].tolist()) == ([0, 64_999], [65_000, 69_999])
+    celebahq = data_module.PACK_RECIPES['celebahq256']
+    split = celebahq.split(files[:30_000], tmp_path, **{'seed': 0, **celebahq.settings})
+    assert (len(split['train']), len(split['test'])) == (27_000, 3_000)
+    assert sorted(np.concatenate([split['train'], split['test']]).tolist()) == list(range(30_000))
