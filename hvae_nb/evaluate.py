@@ -315,7 +315,8 @@ def save_figures(model, images: torch.Tensor, kl_per_group: torch.Tensor, active
     reconstructions = plot_reconstructions(model, shown, seed=seed)
     diagnostics = plot_kl_and_active_units(kl_per_group, active, title=title)[0].figure
     with evaluating(model):
-        latents = plot_latents(model, shown[:1].to(model.device), shown[1:2].to(model.device))
+        other = shown[1:2] if len(shown) > 1 else shown[:1]     # one image: to itself
+        latents = plot_latents(model, shown[:1].to(model.device), other.to(model.device))
     temperatures = (1.0, 0.8, 0.6) if temperature == 1.0 else (temperature,)
     saved = [_save_figure(plot_samples(sampler, temperatures, seed=seed), folder / 'samples.png'),
              _save_figure(plot_temperature_schedules(sampler, seed=seed),

@@ -11,6 +11,8 @@ it also holds the official model's output (log p(x|z) and the KL of every group,
 mode) on weights and images drawn by a fixed recipe (the tool's `fixture_tensors` and `fixture_images`). Nothing here
 derives the official names from the library's own list: the key sets come from running the official code."""
 import argparse, gzip, json, math, sys
+
+import numpy as np
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from compare_nvae_official import PRESETS, fixture_images, fixture_tensors  # no
 from hvae_nb.convert import (NVAE_DATASETS, convert_nvae, nvae_config, nvae_preset,  # noqa: E402
                              nvae_state_dict, read_nvae_checkpoint)
 from hvae_nb.presets import get_preset  # noqa: E402
-from hvae_nb.runs import RunError, from_pretrained  # noqa: E402
+from hvae_nb.runs import Run, RunError, from_pretrained  # noqa: E402
 
 with gzip.open(ROOT / 'tests' / 'data' / 'nvae_official.json.gz', 'rt') as f: FIXTURE = json.load(f)
 CONFIGURATIONS = FIXTURE['configurations']
@@ -133,3 +135,70 @@ def test_a_converted_nvae_run_names_nvidias_licence(tmp_path, capsys):
     save_as_train_py(tmp_path / 'mnist.pt', entry['args'], numbered_state(entry['state']))
     main(['nvae', str(tmp_path / 'mnist.pt'), '--out', str(tmp_path / 'cli')])
     assert "licence: NVIDIA Source Code License: non-commercial use only" in capsys.readouterr().out
+
+
+# each README configuration at a width a CPU converts and evaluates in seconds: the official flags, narrowed
+NARROW_FLAGS = {'num_channels_enc': 4, 'num_channels_dec': 4, 'num_latent_per_group': 2, 'num_groups_per_scale': 2}
+NARROW_OVERRIDES = ['model.encoder_channels=4', 'model.decoder_channels=4', 'model.latent_channels=2',
+                    'model.groups_per_scale=2']
+
+
+def _data_for(dataset: str, data_dir: Path):
+    "A few images of `dataset` in its on-disk format, drawn here (MNIST: the real files, when $HVAE_DATA has them)."
+    import os, subprocess
+    from PIL import Image
+    from test_data import fake_cifar, write_cifar_folder
+    from test_data_memory import sparse_images
+    rng = np.random.default_rng(0)
+    def draw(folder: Path, count: int, size: tuple, suffix: str):
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(folder / f'{i:06d}{suffix}')
+    def pack(source: Path, recipe: str):
+        done = subprocess.run([sys.executable, '-m', 'hvae_nb.data', 'pack', str(source), '--dataset', recipe,
+                               '--data-dir', str(data_dir), '--no-progress'], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    if dataset == 'mnist':
+        shared = Path(os.environ.get('HVAE_DATA', '~/.cache/hvae_nb')).expanduser() / 'mnist'
+        if not shared.is_dir(): pytest.skip(f"MNIST's files are not in {shared}")
+        (data_dir / 'mnist').symlink_to(shared, target_is_directory=True)
+    elif dataset == 'cifar10': write_cifar_folder(data_dir, fake_cifar()[2])
+    elif dataset == 'celeba64':
+        draw(data_dir.parent / 'img_align_celeba', 6, (178, 218), '.jpg'); pack(data_dir.parent / 'img_align_celeba',
+                                                                                   'celeba64')
+    elif dataset == 'celebahq256':
+        draw(data_dir.parent / 'celebahq', 6, (64, 64), '.png'); pack(data_dir.parent / 'celebahq', 'celebahq256')
+    elif dataset == 'imagenet32':     # openai/vdvae's arrays: a sparse file stands in for the 1.28 million images
+        sparse_images(data_dir / 'imagenet32' / 'imagenet32-train.npy', 5_010, side=32)
+        sparse_images(data_dir / 'imagenet32' / 'imagenet32-valid.npy', 4, side=32)
+    elif dataset == 'ffhq256': sparse_images(data_dir / 'ffhq256' / 'ffhq-256.npy', 7_010, side=256)
+    else: raise AssertionError(dataset)
+
+
+@pytest.mark.parametrize('name', CONVERTED)
+def test_each_configuration_converts_then_evaluates_and_samples(name, tmp_path):
+    """A train.py checkpoint of each README command (narrowed) through the command lines a user runs: convert with its
+    preset, then evaluate on its dataset's files, with samples."""
+    import subprocess
+    from hvae_nb.nvae import official_layout
+    args = {**CONFIGURATIONS[name]['args'], **NARROW_FLAGS}
+    torch.manual_seed(0)
+    model = nvae_config(args, name).build()
+    ours = model.state_dict()
+    save_as_train_py(tmp_path / 'checkpoint.pt', args, {official: ours[key] for official, key in official_layout(model)})
+    data_dir = tmp_path / 'data'
+    data_dir.mkdir()
+    _data_for(NVAE_DATASETS[name][0], data_dir)
+    run = lambda *command: subprocess.run([sys.executable, '-m', *command], capture_output=True, text=True,
+                                          cwd=ROOT, timeout=600)
+    converted = run('hvae_nb.convert', 'nvae', str(tmp_path / 'checkpoint.pt'), '--preset', PRESETS[name],
+                    '--out', str(tmp_path / 'run'), '--override', *NARROW_OVERRIDES)
+    assert converted.returncode == 0, converted.stderr
+    evaluated = run('hvae_nb.evaluate', str(tmp_path / 'run'), '--k', '2', '--max-examples', '2', '--batch-size', '2',
+                    '--data-dir', str(data_dir), '--no-progress')
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = Run.open(tmp_path / 'run').evaluations()
+    (only,) = result.values()
+    assert math.isfinite(only['nll_nats']) and only['num_examples'] == 2
+    samples = tmp_path / 'run' / 'figures' / 'samples.png'
+    assert samples.is_file() and samples.stat().st_size > 1000
