@@ -228,3 +228,11 @@ def test_temperatures_and_batch_norm_readjustment(tmp_path, capsys, monkeypatch)
     assert not refused['readjust_bn']['applied'] and 'non-finite' in refused['readjust_bn']['why']
     with pytest.raises(SystemExit): main([str(run_dir), '--temperature', '0.5,1', '--no-progress'])
     assert 'this model has 3 groups' in capsys.readouterr().err
+
+
+def test_an_evaluation_of_one_image_draws_every_figure(tiny_run, tmp_path):
+    "The latents figure interpolates between two images: with one, from the image to itself (it stopped with a traceback)."
+    run_dir = tmp_path / 'run'
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns('checkpoints', 'figures', 'eval*'))
+    result = evaluate_run(run_dir, k=2, max_examples=1, progress=False)
+    assert result['num_examples'] == 1 and sorted(result['figures']) == sorted(FIGURE_NAMES)
