@@ -4,13 +4,16 @@
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'DATASHEET_PEAKS', 'conv_backward_flops', 'flop_counter', 'synthetic_images', 'make_training_step',
-           'training_flops', 'plan_calls', 'Throughput', 'measure_throughput', 'matmul_peak_flops', 'datasheet_peak',
-           'proc_status_bytes', 'max_rss_bytes', 'peak_memory_bytes', 'device_name', 'prepare_model',
-           'benchmark_preset', 'loader_throughput', 'data_wait_share', 'loader_benchmark', 'benchmark_or_report',
-           'worker_arguments', 'run_isolated', 'images_per_s', 'format_table', 'largest_batch', 'bench_command', 'main']
+           'training_flops', 'plan_calls', 'Throughput', 'measure_throughput', 'matmul_peak_flops', 'peak_math',
+           'datasheet_peak', 'proc_status_bytes', 'max_rss_bytes', 'peak_memory_bytes', 'device_name', 'prepare_model',
+           'recomputation_suspended', 'benchmark_preset', 'loader_throughput', 'data_wait_share', 'loader_benchmark',
+           'benchmark_or_report', 'worker_arguments', 'run_isolated', 'images_per_s', 'format_table', 'largest_batch',
+           'bench_command', 'main']
 
 # %% ../nbs/13_bench.ipynb #479d51e8
-import itertools, json, math, os, platform, resource, statistics, subprocess, sys, tempfile, time
+import gc, itertools, json, math, os, platform, resource, statistics, subprocess, sys
+import tempfile, time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +31,7 @@ from .data import (ArrayFile, ImageFiles, ImageSet, StepBatches, binarize, npy_h
 from .configs import Preset
 from .presets import PRESETS, get_preset
 from .train import make_optimizer, train_step
+from .vae import checkpoint_activations
 from .cli import default_device, parse_arguments, run_command
 
 # %% ../nbs/13_bench.ipynb #a28e89e6
@@ -146,6 +150,12 @@ def matmul_peak_flops(device: torch.device, dtype=torch.float32, size: int | Non
     finally: torch.backends.cuda.matmul.allow_tf32 = tf32
     return best
 
+def peak_math(device: torch.device, dtype) -> str:
+    """The arithmetic the matmul peak is measured in: the dtype's name, or 'tfloat32' for float32 on
+    a GPU whose convolutions use TF32 (cuDNN's setting, on by default)."""
+    tf32 = device.type == 'cuda' and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return 'tfloat32' if tf32 else str(dtype).replace('torch.', '')
+
 def datasheet_peak(name: str, dtype) -> float | None:
     "The datasheet's dense peak of a known GPU in `dtype` (float32 as TF32 when cuDNN uses it)."
     key = 'tf32' if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else dtype
@@ -184,6 +194,15 @@ def prepare_model(preset: Preset, images: torch.Tensor, device: torch.device, ch
         images = images.contiguous(memory_format=torch.channels_last)
     return model, images
 
+@contextmanager
+def recomputation_suspended(model):
+    """The model's blocks with their own forward for a while: `checkpoint_activations` puts a
+    recomputing one on each block it chose."""
+    wrapped = {b: vars(b).pop('forward') for b in model.checkpoint_blocks() if 'forward' in vars(b)}
+    try: yield model
+    finally:
+        for block, forward in wrapped.items(): block.forward = forward
+
 def _make_sampling_call(model, batch_size: int):
     @torch.no_grad()
     def call(): model.sample(batch_size)
@@ -193,20 +212,26 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
                      repeats: int = 3, warmup: int = 2, compiled: bool = False,
                      channels_last: bool = False, device: str | None = None,
                      budget_s: float = 5.0, threads: int | None = None, seed: int = 0,
-                     mixed_precision: str = 'no') -> dict:
+                     mixed_precision: str = 'no',
+                     activation_checkpointing: int | None = None) -> dict:
     """Throughput, memory, FLOPs and MFU of one preset's training step and sampling, at
-    `batch_size` (default: the preset's)."""
+    `batch_size` (default: the preset's), one in every `activation_checkpointing` of the model's
+    blocks recomputed in the backward pass (0: none; default: the preset's recipe)."""
     device = torch.device(device or default_device())
     if threads: torch.set_num_threads(threads)
     batch_size = batch_size or preset.train.batch_size
+    every = preset.train.activation_checkpointing if activation_checkpointing is None \
+        else activation_checkpointing
     torch.manual_seed(seed)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     baseline = peak_memory_bytes(device)
     images = synthetic_images(preset, batch_size, device, seed)
     model, images = prepare_model(preset, images, device, channels_last)
-    flops = training_flops(model, images)
+    blocks = checkpoint_activations(model, every)       # how many blocks recompute
     step = make_training_step(model, preset, images, compiled, mixed_precision)
-    train = measure_throughput(step, batch_size, device, steps, repeats, warmup, budget_s)
+    losses = []                                  # the first step's loss: checkpointing keeps it
+    call = lambda: losses.append(step()['loss'])
+    train = measure_throughput(call, batch_size, device, steps, repeats, warmup, budget_s)
     model.eval()
     sampling = _make_sampling_call(model, batch_size)
     sample = measure_throughput(sampling, batch_size, device, steps, repeats, warmup, budget_s)
@@ -214,6 +239,10 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
     memory_measure = ('torch.cuda.max_memory_allocated' if device.type == 'cuda' else
                       'peak RSS of the process (VmHWM)' if proc_status_bytes('VmHWM') else
                       'peak RSS of the process (getrusage)')
+    # the model's FLOPs, counted once the peak is read (this pass keeps every activation), without
+    # the recomputation, on the eager model (a compiled one does the same arithmetic)
+    del step, call; gc.collect()                 # the optimiser's state is not needed any more
+    with recomputation_suspended(model.train()): flops = training_flops(model, images)
     dtype = PRECISIONS[mixed_precision]
     peak = matmul_peak_flops(device, dtype)
     achieved = flops * train.images_per_s / batch_size
@@ -223,7 +252,9 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
                 parameters=sum(p.numel() for p in model.parameters()), batch_size=batch_size,
                 image_shape=list(preset.model.image_shape), compile=compiled,
                 channels_last=channels_last, mixed_precision=mixed_precision,
+                activation_checkpointing=every, checkpointed_blocks=blocks,
                 threads=torch.get_num_threads(),
+                first_step_loss=losses[0] if losses else None,
                 train_images_per_s=train.images_per_s, train_images_per_s_repeats=train.repeats,
                 train_steps_per_repeat=train.calls_per_repeat, first_step_s=train.first_call_s,
                 sample_images_per_s=sample.images_per_s, sample_images_per_s_repeats=sample.repeats,
@@ -232,8 +263,8 @@ def benchmark_preset(preset: Preset, batch_size: int | None = None, steps: int =
                 memory_measure=memory_measure,
                 flops_per_step=flops, flops_per_image=flops / batch_size,
                 achieved_flops_per_s=achieved, matmul_peak_flops_per_s=peak, mfu=achieved / peak,
-                peak_dtype=str(dtype).replace('torch.', ''), datasheet_peak_flops_per_s=sheet,
-                datasheet_mfu=achieved / sheet if sheet else None)
+                peak_dtype=str(dtype).replace('torch.', ''), peak_math=peak_math(device, dtype),
+                datasheet_peak_flops_per_s=sheet, datasheet_mfu=achieved / sheet if sheet else None)
 
 # %% ../nbs/13_bench.ipynb #465f307a
 def _write_random_images(path: Path, count: int, shape: tuple, seed: int = 0,
@@ -339,7 +370,8 @@ def benchmark_or_report(preset: Preset, **options) -> dict:
 _WORKER_FLAGS = dict(batch_size='--batch-size', steps='--steps', repeats='--repeats',
                     warmup='--warmup', compiled='--compile', channels_last='--channels-last',
                     device='--device', budget_s='--budget', threads='--threads',
-                    mixed_precision='--mixed-precision')
+                    mixed_precision='--mixed-precision',
+                    activation_checkpointing='--activation-checkpointing')
 
 def worker_arguments(options: dict) -> list[str]:
     "The command-line form of `benchmark_preset`'s options, for a worker process."
@@ -377,36 +409,54 @@ def images_per_s(rate: float) -> str:
     "Whole images per second, or three significant digits below 100 (a big model on a CPU: 0.177)."
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
-def _format_row(r: dict) -> list[str]:
+def _format_row(r: dict, sheet: bool) -> list[str]:
+    "One row; with `sheet`, a column of the MFU against the datasheet's peak."
+    name = r['preset'] + (f" (recompute 1/{r['activation_checkpointing']})"
+                          if r.get('activation_checkpointing') else '')
     if r.get('status') != 'ok':
         status = f"{r.get('status')}: {r.get('error', '')}"
-        return [r['preset'], '', '', '', '', '', '', '', status[:60]]
-    return [r['preset'], f"{r['parameters'] / 1e6:.2f}M", str(r['batch_size']),
+        return [name] + [''] * (8 if sheet else 7) + [status[:60]]
+    datasheet = f"{r['datasheet_mfu']:.3f}" if r.get('datasheet_mfu') else ''
+    return [name, f"{r['parameters'] / 1e6:.2f}M", str(r['batch_size']),
             images_per_s(r['train_images_per_s']), images_per_s(r['sample_images_per_s']),
             f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['flops_per_step'] / 1e9:.3f}",
-            f"{r['mfu']:.3f}", 'ok']
+            f"{r['mfu']:.3f}"] + ([datasheet] if sheet else []) + ['ok']
 
 _TABLE_HEADER = ['preset', 'params', 'batch', 'train img/s', 'sample img/s', 'peak MiB',
                 'GFLOP/step', 'MFU', 'status']
 
+def _peaks_line(r: dict) -> str:
+    "The device, and which peak each MFU column divides by."
+    math_ = r.get('peak_math', r.get('peak_dtype', 'float32'))
+    line = (f"device: {r['device_name']} ({r['threads']} threads); MFU of the matmul peak "
+            f"{r['matmul_peak_flops_per_s'] / 1e9:,.0f} GFLOP/s, measured in {math_} (the run's "
+            "precision)")
+    if r.get('datasheet_peak_flops_per_s'):
+        line += (f"; sheet MFU of the datasheet's dense {math_} peak, "
+                 f"{r['datasheet_peak_flops_per_s'] / 1e12:,.0f} TFLOP/s")
+    return line + f"; peak memory: {r['memory_measure']}"
+
 def format_table(results: list[dict]) -> str:
-    rows = [_TABLE_HEADER] + [_format_row(r) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_TABLE_HEADER))]
+    sheet = any(r.get('datasheet_mfu') for r in results)
+    header = _TABLE_HEADER[:-1] + (['sheet MFU'] if sheet else []) + ['status']
+    rows = [header] + [_format_row(r, sheet) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     padded = lambda row: [cell.ljust(w) if i == 0 else cell.rjust(w)
                           for i, (cell, w) in enumerate(zip(row, widths))]
     lines = ['  '.join(padded(row)).rstrip() for row in rows]
     lines.insert(1, '-' * len(lines[0]))
     ok = [r for r in results if r.get('status') == 'ok']
-    if ok: lines.append(f"device: {ok[0]['device_name']} ({ok[0]['threads']} threads); "
-                        f"matmul peak {ok[0]['matmul_peak_flops_per_s'] / 1e9:,.0f} GFLOP/s "
-                        f"({ok[0].get('peak_dtype', 'float32')}, measured); peak memory: "
-                        f"{ok[0]['memory_measure']}")
+    if ok: lines.append(_peaks_line(ok[0]))
     return '\n'.join(lines)
 
 # %% ../nbs/13_bench.ipynb #0dcfb769
 def _check_bench_options(names: list[str], batch_size, steps: int, repeats: int, warmup: int,
-                        budget: float, device, threads, mixed_precision: str = 'no'):
+                        budget: float, device, threads, mixed_precision: str = 'no',
+                        activation_checkpointing: int | None = None):
     check_mixed_precision(mixed_precision)
+    if activation_checkpointing is not None and activation_checkpointing < 0:
+        raise ConfigError("--activation-checkpointing must be 0 (off) or a number of blocks per "
+                          f"recomputed one, got {activation_checkpointing}")
     for name in names: get_preset(name)
     for option, value in dict(steps=steps, repeats=repeats, budget=budget).items():
         if value <= 0: raise ConfigError(f"--{option} must be positive, got {value}")
@@ -470,7 +520,8 @@ def largest_batch(name: str, budget_mib: float, options: dict, limit: int = 4096
         if fits(middle): low = middle
         else: high = middle
     return dict(kind='fit', preset=name, budget_mib=budget_mib, largest_batch=low,
-                peak_mib=tries.get(low), tries=dict(sorted(tries.items())))
+                peak_mib=tries.get(low), tries=dict(sorted(tries.items())),
+                activation_checkpointing=options.get('activation_checkpointing'))
 
 def _fit_command(names: list[str], budget_mib: float, options: dict, out) -> list[dict]:
     "`--fit MiB`: the largest batch of each preset within the budget, as JSON lines and lines."
@@ -480,7 +531,11 @@ def _fit_command(names: list[str], budget_mib: float, options: dict, out) -> lis
     for name in names:
         result = largest_batch(name, budget_mib, options)
         print(json.dumps(result), file=sink or sys.stdout, flush=True)
-        print(f"{name}: the largest batch within {budget_mib:,.0f} MiB is "
+        every = options.get('activation_checkpointing')
+        recomputing = (' with the preset\'s activation checkpointing' if every is None else
+                       ' without activation checkpointing' if every == 0 else
+                       f' recomputing one in every {every} blocks')
+        print(f"{name}: the largest batch within {budget_mib:,.0f} MiB{recomputing} is "
               f"{result['largest_batch']} "
               f"(peak {result['peak_mib']} MiB; tried {result['tries']})")
         results.append(result)
@@ -504,6 +559,9 @@ def bench_command(presets: Param("presets to measure (default: every preset)", s
                   channels_last: store_true = False,
                   # no, fp16 or bf16: autocast in the training step, as train's option
                   mixed_precision: str = 'no',
+                  # recompute one in every N of the model's blocks in the backward pass (1: all;
+                  # 0: none; default: the preset's train.activation_checkpointing)
+                  activation_checkpointing: int = None,
                   # write the JSON lines to this file instead of standard output
                   out: str = None,
                   # all presets in this process (peak RSS is then cumulative)
@@ -518,10 +576,11 @@ def bench_command(presets: Param("presets to measure (default: every preset)", s
     "Benchmark presets: throughput, peak memory, FLOPs and MFU, as JSON lines and a table."
     names = [worker] if worker else (presets or list(PRESETS))
     _check_bench_options(names, batch_size, steps, repeats, warmup, budget, device, threads,
-                        mixed_precision)
+                        mixed_precision, activation_checkpointing)
     options = dict(batch_size=batch_size, steps=steps, repeats=repeats, warmup=warmup,
                    compiled=compile, channels_last=channels_last, device=device, budget_s=budget,
-                   threads=threads, mixed_precision=mixed_precision)
+                   threads=threads, mixed_precision=mixed_precision,
+                   activation_checkpointing=activation_checkpointing)
     if worker: print(json.dumps(benchmark_or_report(get_preset(worker), **options))); return
     if loader: return _loader_command(presets or [], batch_size, device, out)
     if fit is not None: return _fit_command(names, fit, options, out)

@@ -252,15 +252,27 @@ def _split_metrics(records: list[dict]):
     return steps, evals, (tests[-1] if tests else None)
 
 # %% ../nbs/12_evaluate.ipynb #0586a91a
+def _neg_elbo(record: dict) -> float:
+    "A step's -ELBO (KL at full weight): logged as neg_elbo, else its reconstruction and every KL."
+    if 'neg_elbo' in record: return record['neg_elbo']
+    return record['reconstruction'] + sum(record['kl'])
+
 def _plot_loss_panel(ax, steps, evals, final):
+    """The training batches' -ELBO and reconstruction, the monitored images' NLL during training
+    (the split each evaluation record names) and the test split's at the end."""
     x = [r['step'] for r in steps]
-    ax.plot(x, [r['loss'] for r in steps], label='training loss', lw=1)
-    ax.plot(x, [r['reconstruction'] for r in steps], label='reconstruction', lw=1)
+    ax.plot(x, [_neg_elbo(r) for r in steps], label='−ELBO, training batches (β = 1)', lw=1)
+    ax.plot(x, [r['reconstruction'] for r in steps], label='reconstruction, training batches',
+            lw=1)
     if evals:
+        last = evals[-1]['eval']
         ax.plot([r['step'] for r in evals], [r['eval']['nll_nats'] for r in evals], 'o-', ms=3,
-                label='test-subset NLL')
+                label=f"{last.get('split', 'monitored')} NLL (IW k={last['num_samples']}, "
+                      f"{last['num_examples']} images)")
     if final:
-        ax.plot([final['step']], [final['test']['nll_nats']], 'k*', ms=9, label='final test NLL')
+        test = final['test']
+        ax.plot([final['step']], [test['nll_nats']], 'k*', ms=9,
+                label=f"test NLL (IW k={test['num_samples']}, all {test['num_examples']})")
     ax.set_ylabel('nats per image'); ax.legend(fontsize=7)
 
 def _plot_kl_panel(ax, steps):

@@ -272,6 +272,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
     _check_batch_split(t, accelerator.num_processes)
     data = load_preset_data(preset, data_dir, download)
     monitor, train_images = monitoring_split(data, t.eval_examples)
+    monitored = 'validation' if data.valid is not None else 'held-out training'
     torch.manual_seed(t.seed)
     model = build_model(preset, accelerator.num_processes)
     optimizer = make_optimizer(model, t)
@@ -341,7 +342,7 @@ def train(preset: Preset, out=None, data_dir=None, resume=None, mixed_precision:
                     accelerator.log({k: v for k, v in record.items() if k != 'kl'}, step=done)
             if done % t.eval_every == 0:       # every process scores its share of the blocks
                 nll = shared_nll(evaluation_model(), monitor, t.eval_samples)
-                log.write(dict(step=done, eval=nll))
+                log.write(dict(step=done, eval=dict(nll, split=monitored)))
                 if main: save_sample_grid(evaluation_model(), run.sample_grid_path(done))
                 accelerator.wait_for_everyone()
             # the one checkpoint policy: on schedule, at the end, and whenever the run stops early
@@ -428,7 +429,7 @@ def train_command(preset: str = None,       # preset name (default: lvae_digits)
          batch_size: int = None,
          lr: float = None,                  # peak learning rate
          seed: int = None,                  # seed for initialisation, data order and sampling
-         # steps between evaluations (test-subset NLL, sample grid)
+         # steps between evaluations (NLL of validation or held-out training images, samples)
          eval_every: int = None,
          save_every: int = None,            # steps between checkpoints
          grad_accum: int = None,            # gradient-accumulation micro-steps per optimiser step

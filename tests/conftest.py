@@ -58,7 +58,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _accelerate_state_of_its_own():
     """Accelerate keeps one state per process and refuses an Accelerator of another precision after it: each test
-    starts without one (a worker runs many tests in one process)."""
+    starts without one (a worker runs many tests in one process), and leaves none behind: a session fixture (the tiny
+    run) is built before the next test's own reset."""
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -146,3 +146,68 @@ def test_the_largest_batch_within_a_memory_budget(monkeypatch):
     assert tried[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and len(tried) < 20
     monkeypatch.setattr(bench, 'run_isolated', lambda name, options: dict(status='oom'))
     assert bench.largest_batch('vae_digits', 400, {})['largest_batch'] == 0
+
+
+def kept_for_backward(name: str, batch: int, every: int) -> int:
+    "Bytes of the tensors a forward keeps for the backward, one in every `every` blocks recomputing."
+    from hvae_nb.vae import checkpoint_activations
+    torch.manual_seed(0)
+    model = get_preset(name).model.build().train()
+    checkpoint_activations(model, every)
+    kept = []
+    def pack(t): kept.append(t.numel() * t.element_size()); return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.bernoulli(torch.full((batch, 1, 8, 8), 0.3)))
+    return sum(kept)
+
+
+def test_activation_checkpointing_lowers_the_peak_of_a_step_and_keeps_its_loss_and_flops():
+    """nvae_digits at batch 512, each in its own process, every block recomputed (N = 1) against none:
+    the peak falls by a good part of what autograd keeps the less (counted by saved-tensor hooks)."""
+    options = dict(batch_size=512, steps=1, repeats=1, warmup=1, budget_s=0.5, threads=1)
+    plain = bench.run_isolated('nvae_digits', dict(options, activation_checkpointing=0))
+    saved = bench.run_isolated('nvae_digits', dict(options, activation_checkpointing=1))
+    assert plain['status'] == saved['status'] == 'ok', (plain, saved)
+    assert (plain['checkpointed_blocks'], saved['checkpointed_blocks']) == (0, 15)
+    assert (plain['activation_checkpointing'], saved['activation_checkpointing']) == (0, 1)
+    assert saved['first_step_loss'] == plain['first_step_loss']
+    assert saved['flops_per_step'] == plain['flops_per_step']     # the model's: no recomputation
+    expected = kept_for_backward('nvae_digits', 512, 0) - kept_for_backward('nvae_digits', 512, 1)
+    assert expected > 100 * 2**20
+    assert plain['peak_memory_bytes'] - saved['peak_memory_bytes'] > 0.4 * expected, \
+        (plain['peak_memory_bytes'], saved['peak_memory_bytes'], expected)
+    assert '(recompute 1/1)' in bench.format_table([saved])
+
+
+def test_the_fit_search_passes_activation_checkpointing_to_every_try(monkeypatch, capsys):
+    asked = []
+    def fake_run(name, options):
+        asked.append(options['activation_checkpointing'])
+        return dict(status='ok', peak_memory_bytes=(100 + options['batch_size']) * 2**20)
+    monkeypatch.setattr(bench, 'run_isolated', fake_run)
+    bench.main(['--presets', 'vdvae_digits', '--fit', '400', '--activation-checkpointing', '2'])
+    assert asked and set(asked) == {2}
+    out = capsys.readouterr().out
+    assert json.loads(out.splitlines()[0])['activation_checkpointing'] == 2
+    assert 'vdvae_digits: the largest batch within 400 MiB recomputing one in every 2 blocks is 300' in out
+    with pytest.raises(SystemExit):
+        bench.main(['--presets', 'vdvae_digits', '--activation-checkpointing', '-1'])
+    assert '--activation-checkpointing must be 0 (off)' in capsys.readouterr().err
+
+
+def test_the_table_names_the_peaks_it_divides_by(two_presets):
+    "The measured peak's arithmetic (TF32 on a GPU when cuDNN uses it), and on a GPU the datasheet's."
+    _, stdout = two_presets
+    assert "measured in float32 (the run's precision)" in stdout.strip().splitlines()[-1]
+    gpu = dict(preset='vdvae_cifar10', status='ok', device_name='NVIDIA H100 80GB HBM3', threads=16,
+               parameters=39e6, batch_size=32, train_images_per_s=500.0, sample_images_per_s=900.0,
+               peak_memory_bytes=9 * 2**30, flops_per_step=2e13, mfu=0.75,
+               matmul_peak_flops_per_s=4.0e14, peak_dtype='float32', peak_math='tfloat32',
+               datasheet_peak_flops_per_s=4.94e14, datasheet_mfu=2e13 * 500 / 32 / 4.94e14,
+               memory_measure='torch.cuda.max_memory_allocated')
+    lines = bench.format_table([gpu]).splitlines()
+    assert lines[0].split()[-3:] == ['sheet', 'MFU', 'status']
+    assert lines[2].split()[-3:] == ['0.750', f'{2e13 * 500 / 32 / 4.94e14:.3f}', 'ok']
+    assert 'measured in tfloat32' in lines[-1] and 'datasheet' in lines[-1] and '494 TFLOP/s' in lines[-1]
+    assert bench.peak_math(torch.device('cpu'), torch.float32) == 'float32'
+    assert bench.peak_math(torch.device('cpu'), torch.bfloat16) == 'bfloat16'

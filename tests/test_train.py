@@ -24,6 +24,11 @@ def step_losses(run_dir) -> dict:
     lines = (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()
     return {r['step']: r['loss'] for r in map(json.loads, lines) if 'loss' in r}
 
+def final_test(run_dir) -> dict:
+    "The final evaluation's record in metrics.jsonl (the whole test split)."
+    lines = (Path(run_dir) / 'metrics.jsonl').read_text().splitlines()
+    return [r['test'] for r in map(json.loads, lines) if 'test' in r][-1]
+
 def checkpoints(run_dir): return sorted((Path(run_dir) / 'checkpoints').glob('checkpoint_*'))
 
 def wait_for(condition, process, seconds=120):
@@ -175,6 +180,21 @@ def test_two_cpu_processes_match_one_process_on_the_same_global_batch(tmp_path):
     rank1 = [f for f in files if '_1.' in Path(f).name]
     assert rank1 and all(Path(f).name == 'random_states_1.pkl' and f.startswith('checkpoints/') for f in rank1)
     assert two.stdout.count('test NLL') == 1
+    # the final test NLL, shared out between the ranks and gathered: every test image, as one process
+    shared, alone = final_test(tmp_path / 'two'), final_test(tmp_path / 'one')
+    assert shared['num_examples'] == alone['num_examples'] == 297     # the digits' whole test split
+    # the two runs' weights may differ by float rounding (an all-reduce against accumulation)
+    assert abs(shared['nll_nats'] - alone['nll_nats']) < 1e-3, (shared, alone)
+    # the two-rank run's own weights scored in this one process, on one thread as the ranks ran:
+    # exactly the numbers the two ranks logged
+    from hvae_nb.data import load_data
+    from hvae_nb.runs import from_pretrained
+    from hvae_nb.vae import dataset_nll
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: reference = dataset_nll(from_pretrained(tmp_path / 'two'), load_data('digits').test, 5)
+    finally: torch.set_num_threads(threads)
+    assert shared == reference
 
 # ---------------------------------------------------------------- bad input
 

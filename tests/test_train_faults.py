@@ -5,7 +5,8 @@ faults of the trainer and the benchmark: each of these tests failed before its f
 - an evaluation during training must leave every parameter and buffer (batch norm's running statistics) unchanged;
 - several processes share an evaluation and get the number one process gets (two CPU ranks);
 - the logged learning rate is the one the step was taken at; the time budget counts every resume;
-- monitoring uses validation images, never the test split; batch norms can be synchronised across processes;
+- monitoring uses validation images, never the test split (`train()`'s own evaluations); the training curves
+  plot the -ELBO, not the beta-weighted loss; batch norms can be synchronised across processes;
 - the benchmark's MFU divides by a peak measured in the run's precision."""
 import json, math, os, subprocess, sys
 from pathlib import Path
@@ -85,6 +86,62 @@ def test_monitoring_uses_validation_images_never_the_test_split():
     if with_valid is not None:                             # a validation split: a subset of it, training untouched
         monitor, trained_on = monitoring_split(with_valid, 100)
         assert monitor.array is with_valid.valid.array and trained_on is with_valid.train
+
+
+@pytest.fixture(scope='module')
+def monitored_run(tmp_path_factory):
+    """Six steps of vae_digits under a KL warm-up (its loss weighs the KL by beta < 1, so it is not
+    the bound), evaluated at steps 3 and 6, the scorer's images recorded: (records, scored)."""
+    scored, scorer = [], train_module.shared_nll
+    def recording(model, images, num_samples, progress=False):
+        scored.append(images[:].clone())
+        return scorer(model, images, num_samples, progress)
+    recipe = apply_overrides(get_preset('vae_digits'), {
+        'max_steps': '6', 'eval_every': '3', 'log_every': '1', 'eval_examples': '40',
+        'eval_samples': '2', 'final_eval_samples': '2', 'kl_warmup_steps': '100'})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, 'shared_nll', recording)
+        result = train_module.train(recipe, out=tmp_path_factory.mktemp('monitored') / 'run',
+                                    progress=False)
+    return result.metrics, scored
+
+
+def test_train_monitors_the_held_out_images_and_scores_the_test_split_at_the_end(monitored_run):
+    records, scored = monitored_run
+    digits = load_data('digits')                          # no validation split: held out of training
+    monitor = monitoring_split(digits, 40)[0][:]
+    test = digits.test[:]
+    assert len(scored) == 3                               # steps 3 and 6, then the final evaluation
+    for images in scored[:2]:
+        assert torch.equal(images, monitor)
+        assert not (images.shape == test.shape and torch.equal(images, test))
+    assert torch.equal(scored[2], test)
+    evaluations = [r['eval'] for r in records if 'eval' in r]
+    assert [(e['split'], e['num_examples']) for e in evaluations] == [('held-out training', 40)] * 2
+    assert [r['test']['num_examples'] for r in records if 'test' in r] == [len(test)]
+
+
+def test_the_training_curves_plot_the_neg_elbo_beside_the_monitored_nll(monitored_run):
+    "Not the beta-weighted loss: the -ELBO logged (reconstruction + every KL), read back off the axes."
+    import matplotlib.pyplot as plt
+    from hvae_nb.evaluate import plot_training_curves
+    records, _ = monitored_run
+    steps = [r for r in records if 'loss' in r]
+    neg_elbo = [r['neg_elbo'] for r in steps]
+    assert neg_elbo == pytest.approx([r['reconstruction'] + sum(r['kl']) for r in steps])
+    assert all(r['loss'] < r['neg_elbo'] for r in steps)        # beta < 1: the loss is below the bound
+    figure = plot_training_curves(records)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    plt.close(figure)
+    elbo = [line for label, line in lines.items() if 'ELBO' in label]
+    assert len(elbo) == 1
+    assert list(elbo[0].get_xdata()) == [r['step'] for r in steps]
+    assert list(elbo[0].get_ydata()) == neg_elbo
+    assert not any(list(line.get_ydata()) == [r['loss'] for r in steps] for line in lines.values())
+    monitored = [label for label in lines if 'held-out training' in label]
+    assert len(monitored) == 1 and 'test' not in monitored[0]
+    final = [line for label, line in lines.items() if label.startswith('test NLL')]
+    assert len(final) == 1 and list(final[0].get_ydata()) == [records[-1]['test']['nll_nats']]
 
 
 def test_the_logged_rate_is_the_one_the_step_used_and_the_budget_counts_every_resume(tmp_path):
