@@ -211,3 +211,30 @@ def test_the_table_names_the_peaks_it_divides_by(two_presets):
     assert 'measured in tfloat32' in lines[-1] and 'datasheet' in lines[-1] and '494 TFLOP/s' in lines[-1]
     assert bench.peak_math(torch.device('cpu'), torch.float32) == 'float32'
     assert bench.peak_math(torch.device('cpu'), torch.bfloat16) == 'bfloat16'
+
+
+class _SlowImages(torch.utils.data.Dataset):
+    "Images that take at least `delay` seconds each to read: a slow disk, made certain."
+    def __init__(self, images, delay: float):
+        self.images, self.delay, self.scale = images, delay, images.scale
+    def __len__(self): return len(self.images)
+    def __getitems__(self, indices):                     # what the loader asks for: a uint8 batch
+        import time
+        time.sleep(self.delay * len(indices))
+        return self.images.uint8(indices)
+
+
+def test_the_loader_benchmark_sees_a_slow_source():
+    "--loader's measurements against sources whose read time is known from below (sleeps), never a wall time asserted."
+    from hvae_nb.data import load_data
+    images = load_data('digits').train
+    fast = bench.data_wait_share(get_preset('vae_digits'), images, 8, 0, steps=2, device='cpu')
+    assert 0 <= fast['share'] < 1 and fast['wait_s'] <= fast['step_s']
+    slow_images = _SlowImages(images, 0.01)
+    slow = bench.data_wait_share(get_preset('vae_digits'), slow_images, 8, 0, steps=2, device='cpu')
+    assert slow['wait_s'] >= 8 * 0.01                     # eight images of at least 10 ms each per batch
+    assert bench.loader_throughput(slow_images, 8, 0, batches=2, warmup=1) <= 100   # at most 1 / 10 ms
+    rows = bench.loader_benchmark(workers=(0,), batch_size=8, batches=2,
+                                  sources={'packed 8 px': (8, 32), 'JPEG folder, to 8 px': (8, 16)})
+    assert [(r['source'], r['num_workers']) for r in rows] == [('packed 8 px', 0), ('JPEG folder, to 8 px', 0)]
+    assert all(r['images_per_s'] > 0 for r in rows)
